@@ -1,0 +1,287 @@
+"""The run configuration: one typed, validated object read from YAML plus overrides.
+
+Nothing else in popdask reads files or the environment for settings. The layout is the
+contract of DESIGN.md ("Run configuration")::
+
+    region: {bbox: [4321000, 3210000, 4341000, 3230000]}
+    grid: {resolution: 20, cell: 1000, tile: 10000}
+    stac: {url: https://planetarycomputer.microsoft.com/api/stac/v1, sign: planetary_computer}
+    sources:
+      sentinel2: {collection: sentinel-2-l2a, datetime: 2019-06-01/2022-10-31, ...}
+    census: {path: grid_1km.gpkg, column: TOT_P_2021}
+    model: {components: 10, clusters: 150, sample_pixels: 300000, seed: 0}
+    regression: {rescale: true}
+    output: {path: out.zarr, storage_options: {}}
+    cluster: {kind: local}
+
+Relative file paths are taken relative to the YAML file's folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from popdask.grid import Grid
+
+
+class ConfigError(ValueError):
+    """The run configuration is invalid; the message names the key and the fix."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RegionConfig(_Model):
+    bbox: tuple[float, float, float, float] | None = None
+    bbox_lonlat: tuple[float, float, float, float] | None = None
+
+    @model_validator(mode="after")
+    def _one_bbox(self) -> RegionConfig:
+        if (self.bbox is None) == (self.bbox_lonlat is None):
+            raise ValueError(
+                "give exactly one of region.bbox (EPSG:3035 metres) or region.bbox_lonlat "
+                "(degrees: west, south, east, north)"
+            )
+        return self
+
+    def bbox_3035(self) -> tuple[float, float, float, float]:
+        """The region in EPSG:3035 metres (lon/lat boxes are densified and transformed)."""
+        if self.bbox is not None:
+            return self.bbox
+        from pyproj import Transformer
+
+        t = Transformer.from_crs("EPSG:4326", "EPSG:3035", always_xy=True)
+        return tuple(t.transform_bounds(*self.bbox_lonlat, densify_pts=21))  # type: ignore[return-value]
+
+
+class GridConfig(_Model):
+    resolution: int = Field(20, gt=0)
+    cell: int = Field(1000, gt=0)
+    tile: int = Field(10000, gt=0)
+
+
+class StacConfig(_Model):
+    url: str | None = None
+    sign: Literal["planetary_computer"] | None = None
+
+
+class SourceConfig(_Model):
+    """One STAC source. ``url``/``sign`` default to the ``stac`` section's."""
+
+    collection: str
+    datetime: str
+    assets: list[str] = Field(min_length=1)
+    url: str | None = None
+    sign: Literal["planetary_computer"] | None = None
+    months: list[int] | None = None
+    max_cloud_cover: float | None = Field(None, ge=0, le=100)
+    mask_asset: str | None = None
+    mask_values: list[int] = [0, 1, 3, 8, 9, 10, 11]
+    resampling: Literal["nearest", "bilinear", "cubic", "average"] = "nearest"
+    scale: float | None = None
+    max_items: int = Field(500, gt=0)
+
+    @field_validator("months")
+    @classmethod
+    def _months(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(m < 1 or m > 12 for m in v):
+            raise ValueError(f"months must be between 1 and 12, got {v}")
+        return v
+
+    @field_validator("datetime")
+    @classmethod
+    def _datetime(cls, v: str) -> str:
+        parts = v.split("/")
+        if len(parts) not in (1, 2) or not all(p for p in parts):
+            raise ValueError(
+                f"datetime {v!r} must be an RFC 3339 date or interval like 2021-06-01/2021-10-31"
+            )
+        return v
+
+
+class SourcesConfig(_Model):
+    sentinel2: SourceConfig
+    sentinel1: SourceConfig | None = None
+    nightlights: SourceConfig | None = None
+
+    def items(self) -> list[tuple[str, SourceConfig]]:
+        """``(name, config)`` of the sources in use, Sentinel-2 first."""
+        out = [("sentinel2", self.sentinel2)]
+        for name in ("sentinel1", "nightlights"):
+            cfg = getattr(self, name)
+            if cfg is not None:
+                out.append((name, cfg))
+        return out
+
+
+class CensusConfig(_Model):
+    path: str
+    column: str = "TOT_P_2021"
+
+
+class ModelConfig(_Model):
+    components: int = Field(10, gt=0)
+    clusters: int = Field(150, ge=2)
+    sample_pixels: int = Field(300_000, gt=0)
+    seed: int = 0
+
+
+class RegressionConfig(_Model):
+    rescale: bool = True
+    smooth_sigma: float = Field(3.0, ge=0)
+    min_valid: float = Field(0.5, ge=0, le=1)
+
+
+class OutputConfig(_Model):
+    path: str
+    storage_options: dict[str, Any] = {}
+
+
+class ClusterConfig(_Model):
+    kind: Literal["local", "address", "gateway", "kubernetes"] = "local"
+    workers: int | None = Field(None, gt=0)
+    threads_per_worker: int | None = Field(None, gt=0)
+    memory_limit: str | None = None
+    address: str | None = None
+    proxy_address: str | None = None
+    auth: str | None = None
+    options: dict[str, Any] = {}
+    adaptive: dict[str, int] | None = None
+    shutdown_on_exit: bool = True
+    image: str | None = None
+    resources: dict[str, Any] = {}
+    namespace: str | None = None
+    batch_tiles: int = Field(16, gt=0)
+
+    @model_validator(mode="after")
+    def _needs(self) -> ClusterConfig:
+        if self.kind == "address" and not self.address:
+            raise ValueError("cluster.kind 'address' needs cluster.address: tcp://HOST:8786")
+        return self
+
+
+class Config(_Model):
+    region: RegionConfig
+    grid: GridConfig = GridConfig()
+    stac: StacConfig = StacConfig()
+    sources: SourcesConfig
+    census: CensusConfig
+    model: ModelConfig = ModelConfig()
+    regression: RegressionConfig = RegressionConfig()
+    output: OutputConfig
+    cluster: ClusterConfig = ClusterConfig()
+
+    @model_validator(mode="after")
+    def _urls(self) -> Config:
+        for name, src in self.sources.items():
+            if not (src.url or self.stac.url):
+                raise ValueError(
+                    f"sources.{name} has no STAC API: set stac.url, or sources.{name}.url"
+                )
+        return self
+
+    def make_grid(self) -> Grid:
+        """The :class:`~popdask.grid.Grid` of this run."""
+        g = self.grid
+        return Grid.from_bbox(
+            self.region.bbox_3035(), resolution=g.resolution, cell=g.cell, tile=g.tile
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form (what the store records in its attrs)."""
+        return self.model_dump(mode="json")
+
+
+def _set_path(d: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
+    d[keys[-1]] = value
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def config_from_dict(
+    data: dict[str, Any],
+    *,
+    overrides: list[str] = (),
+    base_dir: Path | None = None,
+    name: str = "config",
+) -> Config:
+    """Validate a configuration held in a dict.
+
+    Parameters
+    ----------
+    data
+        The parsed YAML mapping.
+    overrides
+        ``"section.key=value"`` strings; values are parsed as YAML (``model.clusters=50``).
+    base_dir
+        Folder against which relative ``census.path`` and ``output.path`` are resolved.
+    name
+        What to call the configuration in error messages (usually its file name).
+
+    Raises
+    ------
+    ConfigError
+        With one line per problem, naming the key.
+    """
+    data = dict(data or {})
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, _, raw = item.partition("=")
+        _set_path(data, key.strip(), yaml.safe_load(raw))
+    if base_dir is not None:
+        for section in ("census", "output"):
+            sec = data.get(section)
+            if isinstance(sec, dict) and isinstance(sec.get("path"), str):
+                p = sec["path"]
+                if not _is_url(p) and not os.path.isabs(p):
+                    data[section] = {**sec, "path": str((base_dir / p).resolve())}
+    try:
+        cfg = Config.model_validate(data)
+        cfg.make_grid()
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check its spelling against DESIGN.md's run configuration)"
+            lines.append(f"{name}: {loc}: {msg}")
+        raise ConfigError("\n".join(lines)) from None
+    except ValueError as e:
+        raise ConfigError(f"{name}: {e}") from None
+    return cfg
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
+    """Read and validate a YAML run configuration.
+
+    Examples
+    --------
+    >>> cfg = load_config("run.yaml", ["model.clusters=50"])  # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such configuration file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (region, sources, ...)")
+    return config_from_dict(
+        data, overrides=overrides, base_dir=path.parent.resolve(), name=str(path)
+    )

@@ -1,0 +1,55 @@
+"""The per-pixel feature transform: pure NumPy, applied to composites.
+
+Reflectance is log-transformed with an offset of about the 1st percentile of surface
+reflectance (0.015, i.e. 150 DN), radar is already in dB (clipped to a physical range),
+night-light radiance is log1p-transformed. Standardisation, PCA and k-means live in
+:mod:`popdask.model`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from popdask.composite import BACKSCATTER, RADIANCE, REFLECTANCE
+
+REFLECTANCE_OFFSET = 0.015
+DB_RANGE = (-35.0, 15.0)
+
+
+def transform(values: np.ndarray, kinds: Sequence[str], *, axis: int = 0) -> np.ndarray:
+    """Turn composite values into features, band by band.
+
+    Parameters
+    ----------
+    values
+        Composite values with the band axis at ``axis`` (``(band, y, x)`` tiles use 0,
+        ``(pixel, band)`` samples use -1). NaN stays NaN.
+    kinds
+        Kind of each band: ``reflectance``, ``backscatter_db`` or ``radiance``.
+    axis
+        The band axis.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 features, same shape.
+    """
+    values = np.asarray(values, dtype=np.float32)
+    if values.shape[axis] != len(kinds):
+        raise ValueError(f"{values.shape[axis]} bands but {len(kinds)} kinds given")
+    out = np.empty_like(values)
+    v = np.moveaxis(values, axis, 0)
+    o = np.moveaxis(out, axis, 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for i, kind in enumerate(kinds):
+            if kind == REFLECTANCE:
+                o[i] = np.log(np.maximum(v[i], 0.0) + REFLECTANCE_OFFSET)
+            elif kind == BACKSCATTER:
+                o[i] = np.clip(v[i], *DB_RANGE)
+            elif kind == RADIANCE:
+                o[i] = np.log1p(np.maximum(v[i], 0.0))
+            else:
+                raise ValueError(f"unknown band kind {kind!r}")
+    return out

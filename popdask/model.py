@@ -1,0 +1,219 @@
+"""The pixel model: standardise, PCA (whitened), k-means — fitted with dask-ml, kept as arrays.
+
+:func:`fit_model` fits on a sample of composite pixels drawn across the whole region
+(:func:`sample_tile` draws one tile's share). The fitted :class:`PixelModel` is nothing
+but NumPy arrays and band names: :meth:`PixelModel.to_arrays` / :meth:`PixelModel.from_arrays`
+store and restore it without pickle, and :meth:`PixelModel.labels` assigns clusters to a
+tile with two matrix products (no per-pixel Python).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import dask.array as da
+import numpy as np
+
+from popdask.composite import REFLECTANCE
+from popdask.features import transform
+
+log = logging.getLogger(__name__)
+
+NODATA_LABEL = -1
+
+
+@dataclass(frozen=True)
+class PixelModel:
+    """A fitted feature transform, PCA and k-means, as plain arrays."""
+
+    bands: tuple[str, ...]
+    kinds: tuple[str, ...]
+    mean: np.ndarray  # (n_features,) feature means
+    std: np.ndarray  # (n_features,) feature standard deviations
+    components: np.ndarray  # (n_components, n_features) PCA axes (standardised space)
+    pca_mean: np.ndarray  # (n_features,)
+    explained_variance: np.ndarray  # (n_components,)
+    centroids: np.ndarray  # (n_clusters, n_components) in whitened PCA space
+
+    @property
+    def n_clusters(self) -> int:
+        return int(self.centroids.shape[0])
+
+    @property
+    def required(self) -> np.ndarray:
+        """Bands a pixel must have to be labelled (the reflectances); others are imputed."""
+        return np.array([k == REFLECTANCE for k in self.kinds])
+
+    # -- projection ---------------------------------------------------------------------
+    def project(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Whitened PCA scores of ``(n, band)`` composite values, and which rows are valid."""
+        x = transform(values, self.kinds, axis=-1)
+        valid = np.isfinite(x[:, self.required]).all(axis=1)
+        z = (x - self.mean) / self.std
+        z[~np.isfinite(z)] = 0.0  # missing radar/lights: impute the mean
+        p = (z - self.pca_mean) @ self.components.T
+        p /= np.sqrt(self.explained_variance)
+        return p.astype(np.float32), valid
+
+    def predict(self, values: np.ndarray) -> np.ndarray:
+        """Cluster of each ``(n, band)`` row, -1 where a reflectance is missing."""
+        p, valid = self.project(values)
+        c = self.centroids.astype(np.float32)
+        # argmin ||p - c||² = argmin (||c||² - 2 p·c): one BLAS product per block.
+        d = (c * c).sum(axis=1) - 2.0 * (p @ c.T)
+        lab = np.argmin(d, axis=1).astype(np.int16)
+        lab[~valid] = NODATA_LABEL
+        return lab
+
+    def labels(self, composite: np.ndarray) -> np.ndarray:
+        """Cluster labels ``(y, x)`` int16 of a ``(band, y, x)`` composite tile."""
+        nb, ny, nx = composite.shape
+        if nb != len(self.bands):
+            raise ValueError(f"composite has {nb} bands, the model expects {len(self.bands)}")
+        flat = composite.reshape(nb, -1).T
+        return self.predict(flat).reshape(ny, nx)
+
+    # -- plain-array storage ------------------------------------------------------------
+    def to_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
+        """``(arrays, attrs)``: everything needed to rebuild the model, no pickle."""
+        arrays = {
+            k: np.asarray(getattr(self, k), dtype=np.float64)
+            for k in ("mean", "std", "components", "pca_mean", "explained_variance", "centroids")
+        }
+        return arrays, {"bands": list(self.bands), "kinds": list(self.kinds)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], attrs: dict) -> PixelModel:
+        """Rebuild a model saved by :meth:`to_arrays`."""
+        missing = {"mean", "std", "components", "pca_mean", "explained_variance", "centroids"}
+        missing -= set(arrays)
+        if missing:
+            raise ValueError(f"saved model lacks arrays {sorted(missing)}; re-run the fit pass")
+        return cls(
+            bands=tuple(attrs["bands"]),
+            kinds=tuple(attrs["kinds"]),
+            **{k: np.asarray(v) for k, v in arrays.items() if k in cls.__dataclass_fields__},
+        )
+
+    def summary(self) -> dict:
+        """Small JSON-able description for the store's attrs and the log."""
+        ev = self.explained_variance
+        return {
+            "bands": list(self.bands),
+            "components": int(self.components.shape[0]),
+            "clusters": self.n_clusters,
+            "explained_variance_ratio": float(ev.sum() / max(self.std.size, 1)),
+        }
+
+
+def sample_tile(composite: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Draw up to ``n`` random pixels ``(n, band)`` with all reflectances present.
+
+    Pure; ``seed`` should differ per tile so tiles draw independent samples.
+    """
+    nb = composite.shape[0]
+    flat = composite.reshape(nb, -1)
+    ok = np.flatnonzero(np.isfinite(flat).any(axis=0))
+    if ok.size == 0 or n <= 0:
+        return np.empty((0, nb), np.float32)
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(ok, size=min(n, ok.size), replace=False)
+    return flat[:, np.sort(pick)].T.astype(np.float32)
+
+
+def fit_model(
+    samples: np.ndarray,
+    bands: Sequence[str],
+    kinds: Sequence[str],
+    *,
+    components: int = 10,
+    clusters: int = 150,
+    seed: int = 0,
+    block_rows: int = 50_000,
+    epochs: int = 3,
+) -> PixelModel:
+    """Fit standardisation, whitened IncrementalPCA and mini-batch k-means on a pixel sample.
+
+    Parameters
+    ----------
+    samples
+        ``(n, band)`` composite values drawn across the region.
+    bands, kinds
+        Band names and kinds (see :mod:`popdask.features`).
+    components
+        PCA components (capped at the number of bands).
+    clusters
+        k-means clusters.
+    seed
+        Random state of the k-means.
+    block_rows
+        Rows per dask block (one mini-batch of the k-means per block and epoch).
+    epochs
+        Passes of mini-batch k-means over the sample.
+
+    Returns
+    -------
+    PixelModel
+    """
+    from dask_ml.decomposition import IncrementalPCA
+    from dask_ml.wrappers import Incremental
+    from sklearn.cluster import MiniBatchKMeans
+
+    kinds = tuple(kinds)
+    x = transform(samples, kinds, axis=-1)
+    required = np.array([k == REFLECTANCE for k in kinds])
+    x = x[np.isfinite(x[:, required]).all(axis=1)]
+    if x.shape[0] < max(clusters * 10, 1000):
+        raise ValueError(
+            f"only {x.shape[0]} valid pixels to fit {clusters} clusters; raise "
+            "model.sample_pixels or check that the composites are not empty (clouds, assets)"
+        )
+    mean = np.nanmean(x, axis=0)
+    std = np.nanstd(x, axis=0)
+    std[~(std > 1e-6)] = 1.0
+    z = (x - mean) / std
+    z[~np.isfinite(z)] = 0.0
+    z = z.astype(np.float64)
+    n_comp = min(components, z.shape[1])
+    zd = da.from_array(z, chunks=(block_rows, -1))
+    pca = IncrementalPCA(n_components=n_comp, whiten=False, batch_size=block_rows)
+    with warnings.catch_warnings():
+        # dask-ml divides 0/0 for the noise variance when all components are kept
+        warnings.filterwarnings("ignore", "invalid value encountered in divide", RuntimeWarning)
+        pca.fit(zd)
+    ev = np.asarray(pca.explained_variance_, dtype=np.float64)
+    comps = np.asarray(pca.components_, dtype=np.float64)
+    pmean = np.asarray(pca.mean_, dtype=np.float64)
+    p = ((z - pmean) @ comps.T) / np.sqrt(ev)
+    rng = np.random.default_rng(seed)
+    km = Incremental(
+        MiniBatchKMeans(n_clusters=clusters, random_state=seed, n_init=3, reassignment_ratio=0.01),
+        shuffle_blocks=True,
+        random_state=seed,
+    )
+    for _ in range(epochs):
+        pd_ = da.from_array(p[rng.permutation(p.shape[0])], chunks=(block_rows, -1))
+        km.partial_fit(pd_)
+    centroids = np.asarray(km.estimator_.cluster_centers_, dtype=np.float64)
+    model = PixelModel(
+        bands=tuple(bands),
+        kinds=kinds,
+        mean=mean,
+        std=std,
+        components=comps,
+        pca_mean=pmean,
+        explained_variance=ev,
+        centroids=centroids,
+    )
+    log.info(
+        "model: %d pixels, %d features -> %d components (%.0f %% variance) -> %d clusters",
+        x.shape[0],
+        x.shape[1],
+        n_comp,
+        100 * ev.sum() / z.shape[1],
+        clusters,
+    )
+    return model

@@ -1,0 +1,430 @@
+"""STAC sources: search, filter items, and load one tile's lazy composite.
+
+The only module besides :mod:`popdask.store` that does I/O. A source is one entry of the
+``sources`` section of the run configuration; its role is fixed by its key:
+
+- ``sentinel2`` — surface reflectance, cloud-masked with the classification asset
+  (``mask_asset``, e.g. ``SCL``), processing-baseline offset handled per item;
+- ``sentinel1`` — backscatter in linear power, composited and converted to dB;
+- ``nightlights`` — radiance, composited and resampled (bilinear by default) to the grid.
+
+Searching returns plain :class:`pystac.Item` lists; :func:`tile_composite` builds the lazy
+``(band, y, x)`` composite of one tile with stackstac (no pixels are read until compute).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import dask.array as da
+import numpy as np
+import pystac
+import xarray as xr
+from pyproj import Transformer
+from rasterio.enums import Resampling
+
+from popdask import composite as comp
+from popdask.config import Config, SourceConfig
+from popdask.grid import EPSG, Grid
+
+log = logging.getLogger(__name__)
+
+ROLES = {"sentinel2": comp.REFLECTANCE, "sentinel1": comp.BACKSCATTER, "nightlights": comp.RADIANCE}
+DEFAULT_SCALE = {"sentinel2": 1e-4, "sentinel1": 1.0, "nightlights": 1.0}
+DEFAULT_RESAMPLING = {"sentinel2": "nearest", "sentinel1": "nearest", "nightlights": "bilinear"}
+S2_BOA_ADD_OFFSET = -1000  # DN added by ESA from processing baseline 04.00 on
+
+# GDAL settings for COG reads, shipped to every worker inside each task by stackstac.
+GDAL_ENV = {
+    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+    "GDAL_HTTP_MAX_RETRY": "5",
+    "GDAL_HTTP_RETRY_DELAY": "1",
+    "GDAL_HTTP_MULTIRANGE": "YES",
+    "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
+    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF,.h5,.nc",
+    "VSI_CACHE": "TRUE",
+}
+
+
+class SourceError(RuntimeError):
+    """A catalog or its items cannot be used; the message names the source and the fix."""
+
+
+@dataclass
+class SourceItems:
+    """The items of one source found for the region, with what the search skipped."""
+
+    name: str
+    config: SourceConfig
+    items: list[pystac.Item]
+    bounds_3035: np.ndarray  # (n, 4) item footprints in EPSG:3035
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def role(self) -> str:
+        return ROLES[self.name]
+
+    @property
+    def bands(self) -> list[str]:
+        """Composite band names this source contributes (its assets minus the mask)."""
+        return list(self.config.assets)
+
+    def for_bounds(self, bounds: Sequence[float]) -> list[pystac.Item]:
+        """Items whose footprint intersects ``bounds`` (EPSG:3035)."""
+        if not self.items:
+            return []
+        b = self.bounds_3035
+        hit = (
+            (b[:, 0] < bounds[2])
+            & (b[:, 2] > bounds[0])
+            & (b[:, 1] < bounds[3])
+            & (b[:, 3] > bounds[1])
+        )
+        return [it for it, h in zip(self.items, hit, strict=True) if h]
+
+
+# --------------------------------------------------------------------------------------
+# Search
+# --------------------------------------------------------------------------------------
+def open_catalog(url: str, *, retries: int = 5, timeout: float = 60.0):
+    """Open a STAC API with retries on transient HTTP faults.
+
+    Raises
+    ------
+    SourceError
+        When the API cannot be reached after the retries.
+    """
+    from pystac_client import Client
+    from pystac_client.stac_api_io import StacApiIO
+    from urllib3.util.retry import Retry
+
+    retry = Retry(
+        total=retries,
+        backoff_factor=0.5,
+        status_forcelist=(429, 500, 502, 503, 504),
+        allowed_methods=None,
+    )
+    try:
+        return Client.open(url, stac_io=StacApiIO(max_retries=retry, timeout=timeout))
+    except Exception as e:
+        raise SourceError(
+            f"cannot open the STAC API at {url} ({type(e).__name__}: {e}); check stac.url "
+            "(or the source's url) and the network"
+        ) from e
+
+
+def _conforms(client, name: str) -> bool:
+    try:
+        return bool(client.conforms_to(name))
+    except Exception:
+        return False
+
+
+def item_bounds_3035(items: Sequence[pystac.Item]) -> np.ndarray:
+    """Footprint bounding boxes of ``items`` in EPSG:3035, ``(n, 4)``."""
+    t = Transformer.from_crs("EPSG:4326", f"EPSG:{EPSG}", always_xy=True)
+    out = np.empty((len(items), 4))
+    for i, it in enumerate(items):
+        if it.bbox is None:
+            raise SourceError(f"item {it.id} has no bbox; it cannot be placed on the grid")
+        b = it.bbox
+        west, south, east, north = (b[0], b[1], b[3], b[4]) if len(b) == 6 else b
+        out[i] = t.transform_bounds(west, south, east, north, densify_pts=21)
+    return out
+
+
+def filter_items(
+    items: Sequence[pystac.Item],
+    *,
+    months: Sequence[int] | None = None,
+    max_cloud_cover: float | None = None,
+    assets: Sequence[str] = (),
+) -> tuple[list[pystac.Item], dict[str, int]]:
+    """Keep items in ``months``, at most ``max_cloud_cover`` % cloudy and with all ``assets``.
+
+    Pure: applied on the client whatever the server did, since not every STAC API
+    implements the query extension. Returns the kept items and counts of what was dropped.
+    """
+    kept, skipped = [], {"month": 0, "cloud_cover": 0, "missing_asset": 0}
+    for it in items:
+        dt = it.datetime or it.common_metadata.start_datetime
+        if months and dt is not None and dt.month not in months:
+            skipped["month"] += 1
+            continue
+        cc = it.properties.get("eo:cloud_cover")
+        if max_cloud_cover is not None and cc is not None and cc > max_cloud_cover:
+            skipped["cloud_cover"] += 1
+            continue
+        if any(a not in it.assets for a in assets):
+            skipped["missing_asset"] += 1
+            continue
+        kept.append(it)
+    return kept, {k: v for k, v in skipped.items() if v}
+
+
+def search_source(
+    name: str, cfg: SourceConfig, *, url: str, bbox_lonlat: Sequence[float]
+) -> SourceItems:
+    """Search one source's collection over the region and filter the items.
+
+    Parameters
+    ----------
+    name
+        ``sentinel2``, ``sentinel1`` or ``nightlights``.
+    cfg
+        The source's configuration.
+    url
+        STAC API root.
+    bbox_lonlat
+        Region in degrees (west, south, east, north).
+
+    Raises
+    ------
+    SourceError
+        When the collection is unknown or no usable item remains for Sentinel-2.
+    """
+    client = open_catalog(url)
+    kwargs = {}
+    if cfg.max_cloud_cover is not None and _conforms(client, "QUERY"):
+        kwargs["query"] = {"eo:cloud_cover": {"lte": cfg.max_cloud_cover}}
+    try:
+        search = client.search(
+            collections=[cfg.collection],
+            bbox=list(bbox_lonlat),
+            datetime=cfg.datetime,
+            limit=100,
+            max_items=cfg.max_items * 4,
+            **kwargs,
+        )
+        found = list(search.items())
+    except Exception as e:
+        raise SourceError(
+            f"sources.{name}: searching collection {cfg.collection!r} at {url} failed "
+            f"({type(e).__name__}: {e})"
+        ) from e
+    assets = [*cfg.assets, *([cfg.mask_asset] if cfg.mask_asset else [])]
+    items, skipped = filter_items(
+        found, months=cfg.months, max_cloud_cover=cfg.max_cloud_cover, assets=assets
+    )
+    if len(items) > cfg.max_items:
+        # Least cloudy first, so the cap keeps the best scenes.
+        items.sort(key=lambda it: it.properties.get("eo:cloud_cover", 0.0))
+        skipped["over_max_items"] = len(items) - cfg.max_items
+        items = items[: cfg.max_items]
+    items.sort(key=lambda it: (it.datetime.isoformat() if it.datetime else "", it.id))
+    if not found:
+        msg = (
+            f"sources.{name}: no item in collection {cfg.collection!r} at {url} for "
+            f"datetime {cfg.datetime} over the region; check the collection name, the dates "
+            "and region"
+        )
+        if name == "sentinel2":
+            raise SourceError(msg)
+        log.warning(msg)
+    elif not items and name == "sentinel2":
+        raise SourceError(
+            f"sources.{name}: {len(found)} items found but none kept after filtering "
+            f"({skipped}); relax months/max_cloud_cover or check the asset keys {assets}"
+        )
+    log.info("%s: %d items kept of %d found %s", name, len(items), len(found), skipped or "")
+    return SourceItems(name, cfg, items, item_bounds_3035(items), skipped)
+
+
+def search_sources(cfg: Config, bbox_lonlat: Sequence[float]) -> list[SourceItems]:
+    """Search every configured source over the region."""
+    return [
+        search_source(name, src, url=src.url or cfg.stac.url, bbox_lonlat=bbox_lonlat)
+        for name, src in cfg.sources.items()
+    ]
+
+
+def region_lonlat(grid: Grid) -> tuple[float, float, float, float]:
+    """The grid's bounds in degrees (west, south, east, north)."""
+    t = Transformer.from_crs(f"EPSG:{EPSG}", "EPSG:4326", always_xy=True)
+    return tuple(t.transform_bounds(*grid.bounds, densify_pts=21))  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------
+# Per-item radiometry (pure metadata)
+# --------------------------------------------------------------------------------------
+def _baseline(item: pystac.Item) -> float | None:
+    raw = item.properties.get("s2:processing_baseline")
+    try:
+        return float(raw) if raw is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def scale_offset(
+    items: Sequence[pystac.Item], assets: Sequence[str], *, name: str, scale: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per item and asset ``(scale, offset)`` turning raw values into physical units.
+
+    ``raster:bands`` scale/offset win when the asset carries them (Earth Search);
+    otherwise ``scale`` (config, or the source's default) applies, and Sentinel-2 items of
+    processing baseline ≥ 04.00 get the −1000 DN offset (Planetary Computer).
+    """
+    default = DEFAULT_SCALE[name] if scale is None else scale
+    s = np.full((len(items), len(assets)), default, dtype=np.float64)
+    o = np.zeros_like(s)
+    for i, it in enumerate(items):
+        base = _baseline(it)
+        for j, key in enumerate(assets):
+            rb = (it.assets[key].extra_fields.get("raster:bands") or [{}])[0]
+            if "scale" in rb or "offset" in rb:
+                s[i, j] = rb.get("scale", 1.0)
+                o[i, j] = rb.get("offset", 0.0)
+            elif name == "sentinel2" and base is not None and base >= 4.0:
+                o[i, j] = S2_BOA_ADD_OFFSET * s[i, j]
+    return s, o
+
+
+def day_groups(items: Sequence[pystac.Item]) -> np.ndarray:
+    """Index of the acquisition day of each item (granules of one day share it)."""
+    days = [(it.datetime.date().isoformat() if it.datetime else it.id) for it in items]
+    _, idx = np.unique(np.asarray(days), return_inverse=True)
+    return idx.astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------
+# Loading one tile
+# --------------------------------------------------------------------------------------
+def load_stack(
+    items: Sequence[pystac.Item],
+    assets: Sequence[str],
+    *,
+    bounds: Sequence[float],
+    resolution: float,
+    resampling: str = "nearest",
+) -> xr.DataArray:
+    """Lazy ``(time, band, y, x)`` float32 stack of ``items`` on the grid window ``bounds``.
+
+    The whole time and band axes sit in one chunk per tile, ready for the median.
+    No pixels are read until compute.
+    """
+    import stackstac
+
+    nx = round((bounds[2] - bounds[0]) / resolution)
+    ny = round((bounds[3] - bounds[1]) / resolution)
+    return stackstac.stack(
+        list(items),
+        assets=list(assets),
+        epsg=EPSG,
+        resolution=resolution,
+        bounds=tuple(bounds),
+        chunksize=(-1, -1, ny, nx),
+        dtype=np.dtype("float32"),
+        fill_value=np.float32("nan"),
+        rescale=False,
+        sortby_date=False,
+        xy_coords="center",
+        snap_bounds=False,
+        resampling=Resampling[resampling],
+        properties=False,
+        band_coords=False,
+        gdal_env=_gdal_env(),
+    )
+
+
+def _gdal_env():
+    from stackstac import DEFAULT_GDAL_ENV
+
+    return DEFAULT_GDAL_ENV.updated(always=GDAL_ENV)
+
+
+def _sign(items: Sequence[pystac.Item], how: str | None) -> list[pystac.Item]:
+    if how is None:
+        return list(items)
+    if how == "planetary_computer":
+        try:
+            import planetary_computer
+        except ImportError as e:
+            raise SourceError(
+                "sign: planetary_computer needs the planetary-computer package: "
+                "pip install planetary-computer"
+            ) from e
+        return [planetary_computer.sign(it) for it in items]
+    raise SourceError(f"unknown signing method {how!r}")
+
+
+def tile_composite(
+    sources: Sequence[SourceItems],
+    bounds: Sequence[float],
+    *,
+    resolution: float,
+    sign: str | None = None,
+) -> tuple[da.Array, list[str], list[str], dict[str, int]]:
+    """Lazy composite of one tile from all sources.
+
+    Returns
+    -------
+    data
+        ``(band, y, x)`` float32 dask array, one chunk.
+    bands, kinds
+        Band names and their kind (reflectance / backscatter_db / radiance).
+    n_items
+        Items used per source.
+    """
+    nx = round((bounds[2] - bounds[0]) / resolution)
+    ny = round((bounds[3] - bounds[1]) / resolution)
+    parts, bands, kinds, n_items = [], [], [], {}
+    for src in sources:
+        cfg = src.config
+        items = src.for_bounds(bounds)
+        n_items[src.name] = len(items)
+        names = src.bands
+        bands += names
+        kinds += [src.role] * len(names)
+        if not items:
+            parts.append(da.full((len(names), ny, nx), np.nan, dtype=np.float32, chunks=-1))
+            continue
+        items = _sign(items, cfg.sign or sign)
+        assets = [*names, *([cfg.mask_asset] if cfg.mask_asset and src.name == "sentinel2" else [])]
+        resampling = (
+            cfg.resampling if "resampling" in cfg.model_fields_set else DEFAULT_RESAMPLING[src.name]
+        )
+        stack = load_stack(
+            items, assets, bounds=bounds, resolution=resolution, resampling=resampling
+        )
+        groups = day_groups(items)
+        if src.name == "sentinel2":
+            scale, offset = scale_offset(items, assets, name=src.name, scale=cfg.scale)
+            kernel, kw = (
+                comp.optical_composite,
+                {
+                    "scale": scale,
+                    "offset": offset,
+                    "mask_band": len(names) if cfg.mask_asset else None,
+                    "mask_values": tuple(cfg.mask_values),
+                },
+            )
+        else:
+            scale, offset = scale_offset(items, assets, name=src.name, scale=cfg.scale)
+            kernel = _scaled(
+                comp.radar_composite if src.name == "sentinel1" else comp.median_composite
+            )
+            kw = {"scale": scale, "offset": offset}
+        parts.append(
+            stack.data.map_blocks(
+                kernel,
+                groups=groups,
+                **kw,
+                drop_axis=0,
+                chunks=(len(names), ny, nx),
+                dtype=np.float32,
+                meta=np.empty((0, 0, 0), np.float32),
+            )
+        )
+    return da.concatenate(parts, axis=0), bands, kinds, n_items
+
+
+def _scaled(kernel):
+    def run(stack, *, groups, scale, offset):
+        data = stack * np.asarray(scale, np.float32)[:, :, None, None]
+        data += np.asarray(offset, np.float32)[:, :, None, None]
+        return kernel(data, groups=groups)
+
+    run.__name__ = kernel.__name__
+    return run

@@ -1,0 +1,327 @@
+"""The output Zarr store: layout, tile-region writes, tile status, model arrays, resume.
+
+Layout (DESIGN.md "Output Zarr store"): ``population``, ``density`` (y, x) float32;
+``cluster`` (y, x) int16 (-1 no data); ``composite`` (band, y, x) float32; ``census`` and
+``predicted`` (y_cell, x_cell) float32; EPSG:3035 as a CF ``spatial_ref`` coordinate named
+by every variable. Zarr chunks are the tiles, so each tile write touches its own chunks
+only. Besides the contract variables the store holds:
+
+- ``tile_status`` (tile_row, tile_col) int8, one chunk per tile: 0 missing, 1 composite
+  written, 2 labelled, 3 complete, -1 failed. It is set only after a tile's data is written,
+  so a killed run loses at most the tiles in flight;
+- a ``model`` group with the fitted model as plain arrays (never pickle).
+
+Paths may be local or fsspec URLs (``s3://bucket/run.zarr``) with ``storage_options``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import dask.array as da
+import numcodecs
+import numpy as np
+import rioxarray  # noqa: F401  (registers the .rio accessor)
+import xarray as xr
+import zarr
+
+from popdask.grid import CRS, Grid, Tile
+
+MISSING, COMPOSITED, LABELLED, COMPLETE, FAILED = 0, 1, 2, 3, -1
+STATUS_NAMES = {
+    MISSING: "missing",
+    COMPOSITED: "composite",
+    LABELLED: "labelled",
+    COMPLETE: "complete",
+    FAILED: "failed",
+}
+PIXEL_VARS = ("population", "density", "cluster")
+CELL_VARS = ("census", "predicted")
+# Zarr v2: GDAL (3.10, as in the rasterio wheels) reads it; its v3 reader lacks the codecs.
+ZARR_FORMAT = 2
+
+
+class StoreError(RuntimeError):
+    """The output store cannot be used for this run; the message names the fix."""
+
+
+def _is_url(path: str) -> bool:
+    return "://" in str(path)
+
+
+def _zarr_kwargs(path: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {"storage_options": dict(storage_options)} if _is_url(path) and storage_options else {}
+
+
+def _quiet():
+    w = warnings.catch_warnings()
+    w.__enter__()
+    warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+    return w
+
+
+def open_group(path: str, storage_options=None, mode: str = "r+") -> zarr.Group:
+    """The store's root Zarr group."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        return zarr.open_group(
+            str(path), mode=mode, use_consolidated=False, **_zarr_kwargs(path, storage_options)
+        )
+
+
+def exists(path: str, storage_options=None) -> bool:
+    """Whether a popdask store already exists at ``path``."""
+    try:
+        g = open_group(path, storage_options, mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError):
+        return False
+    return "popdask" in g.attrs
+
+
+def grid_signature(grid: Grid, bands: list[str]) -> dict[str, Any]:
+    """What must match for a store to be resumed by a run."""
+    return {
+        "bounds": list(grid.bounds),
+        "resolution": grid.resolution,
+        "cell": grid.cell,
+        "tile": grid.tile,
+        "bands": list(bands),
+    }
+
+
+def template(grid: Grid, bands: list[str], kinds: list[str], census: xr.DataArray) -> xr.Dataset:
+    """The lazy dataset whose metadata defines the store (no pixel data computed)."""
+    ny, nx = grid.shape
+    ch = grid.chunks()
+    rows, cols = grid.tile_shape
+    nan2 = da.full((ny, nx), np.nan, dtype=np.float32, chunks=ch)
+    ds = xr.Dataset(
+        {
+            "population": (
+                ("y", "x"),
+                nan2,
+                {"units": "persons per pixel", "long_name": "estimated persons in each pixel"},
+            ),
+            "density": (
+                ("y", "x"),
+                nan2,
+                {"units": "persons km-2", "long_name": "Gaussian-smoothed population density"},
+            ),
+            "cluster": (
+                ("y", "x"),
+                da.full((ny, nx), -1, dtype=np.int16, chunks=ch),
+                {"long_name": "k-means cluster label, -1 where no data"},
+            ),
+            "composite": (
+                ("band", "y", "x"),
+                da.full(
+                    (len(bands), ny, nx), np.nan, dtype=np.float32, chunks=((1,) * len(bands), *ch)
+                ),
+                {"long_name": "composite inputs", "band_kind": list(kinds)},
+            ),
+            "census": (
+                ("y_cell", "x_cell"),
+                census.values.astype(np.float32),
+                {
+                    "units": "persons",
+                    "long_name": "census count used (NaN unknown)",
+                    **census.attrs,
+                },
+            ),
+            "predicted": (
+                ("y_cell", "x_cell"),
+                da.full(
+                    grid.cell_shape,
+                    np.nan,
+                    dtype=np.float32,
+                    chunks=tuple(tuple(c // grid.cell_px for c in cc) for cc in ch),
+                ),
+                {"units": "persons", "long_name": "model count per cell before rescaling"},
+            ),
+            "tile_status": (
+                ("tile_row", "tile_col"),
+                np.zeros((rows, cols), np.int8),
+                {
+                    "flag_values": list(STATUS_NAMES),
+                    "flag_meanings": " ".join(STATUS_NAMES.values()),
+                },
+            ),
+        },
+        coords={
+            **grid.coords(),
+            **grid.cell_coords(),
+            "band": np.array(bands, dtype=object),
+        },
+    )
+    for c in ("x", "x_cell"):
+        ds[c].attrs.update(units="m", standard_name="projection_x_coordinate")
+    for c in ("y", "y_cell"):
+        ds[c].attrs.update(units="m", standard_name="projection_y_coordinate")
+    ds = ds.rio.write_crs(CRS)
+    wkt = ds.spatial_ref.attrs["crs_wkt"]
+    for name in ds.data_vars:
+        if name == "tile_status":
+            ds[name].encoding.pop("grid_mapping", None)
+            continue
+        ds[name].encoding["coordinates"] = "spatial_ref"
+        ds[name].attrs["_CRS"] = {"wkt": wkt}  # what GDAL's Zarr driver reads
+    return ds
+
+
+def create(
+    path: str,
+    grid: Grid,
+    *,
+    bands: list[str],
+    kinds: list[str],
+    census: xr.DataArray,
+    attrs: Mapping[str, Any],
+    storage_options=None,
+) -> bool:
+    """Create the store, or check that an existing one belongs to this run.
+
+    Returns
+    -------
+    bool
+        True when a new store was created, False when an existing one is resumed.
+
+    Raises
+    ------
+    StoreError
+        When a store exists at ``path`` with another grid or bands.
+    """
+    sig = grid_signature(grid, bands)
+    if exists(path, storage_options):
+        old = open_group(path, storage_options, mode="r").attrs.get("popdask", {})
+        if old.get("grid") != sig:
+            raise StoreError(
+                f"{path} holds a popdask store of another grid or bands "
+                f"({old.get('grid')} != {sig}); choose another output.path, or delete it to "
+                "start over"
+            )
+        return False
+    ds = template(grid, bands, kinds, census)
+    ds.attrs.update({"popdask": {"grid": sig}, **_jsonable(attrs)})
+    blosc = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE)
+    encoding = {
+        # No _FillValue on the integers (it would make xarray decode them to float):
+        # chunks not written yet read as 0; tile_status says which tiles are done.
+        "cluster": {"compressors": [blosc]},
+        **{v: {"compressors": [blosc]} for v in ("population", "density", "composite")},
+    }
+    # one chunk per tile (atomic status updates); unwritten chunks read as 0 = missing
+    ds["tile_status"] = ds["tile_status"].chunk({"tile_row": 1, "tile_col": 1})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        ds.to_zarr(
+            path,
+            mode="w-",
+            compute=False,
+            consolidated=False,
+            zarr_format=ZARR_FORMAT,
+            encoding=encoding,
+            storage_options=_so(path, storage_options),
+        )
+    return True
+
+
+def _so(path, storage_options):
+    return dict(storage_options) if _is_url(path) and storage_options else None
+
+
+def open_store(path: str, storage_options=None) -> xr.Dataset:
+    """Open the store lazily (``xarray.open_zarr``), ``spatial_ref`` as a coordinate."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        warnings.filterwarnings("ignore", category=RuntimeWarning, message=".*consolidated.*")
+        return xr.open_zarr(path, storage_options=_so(path, storage_options), consolidated=False)
+
+
+def tile_status(path: str, storage_options=None) -> np.ndarray:
+    """``(tile_row, tile_col)`` status codes."""
+    return np.asarray(open_group(path, storage_options, mode="r")["tile_status"][:])
+
+
+def set_status(path: str, tiles: list[Tile], code: int, storage_options=None) -> None:
+    """Mark ``tiles`` with ``code`` (each tile is its own chunk, so this is atomic per tile)."""
+    arr = open_group(path, storage_options)["tile_status"]
+    for t in tiles:
+        arr[t.row, t.col] = code
+
+
+def write_tile(
+    path: str,
+    tile: Tile,
+    variables: Mapping[str, tuple[tuple[str, ...], Any]],
+    storage_options=None,
+):
+    """Delayed region write of one tile's variables (dask or NumPy arrays).
+
+    Pixel variables cover ``tile.ys``/``tile.xs``, cell variables ``tile.ys_cell``/
+    ``tile.xs_cell``; a ``band`` axis is written whole.
+    """
+    ds = xr.Dataset({k: (dims, arr) for k, (dims, arr) in variables.items()})
+    region = {"y": tile.ys, "x": tile.xs, "y_cell": tile.ys_cell, "x_cell": tile.xs_cell}
+    if "band" in ds.dims:
+        region["band"] = slice(0, ds.sizes["band"])
+    region = {k: v for k, v in region.items() if k in ds.dims}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        return ds.to_zarr(
+            path,
+            region=region,
+            mode="r+",
+            compute=False,
+            storage_options=_so(path, storage_options),
+            consolidated=False,
+        )
+
+
+def update_attrs(path: str, attrs: Mapping[str, Any], storage_options=None) -> None:
+    """Merge ``attrs`` into the store's root attributes (JSON-able values)."""
+    g = open_group(path, storage_options)
+    g.attrs.update(_jsonable(attrs))
+
+
+def save_arrays(
+    path: str,
+    group: str,
+    arrays: Mapping[str, np.ndarray],
+    attrs: Mapping[str, Any],
+    storage_options=None,
+) -> None:
+    """Write plain arrays and attrs into a subgroup (e.g. the model). Replaces the group."""
+    root = open_group(path, storage_options)
+    g = root.create_group(group, overwrite=True)
+    for name, arr in arrays.items():
+        arr = np.asarray(arr)
+        g.create_array(name, shape=arr.shape, dtype=arr.dtype, overwrite=True)[...] = arr
+    g.attrs.update(_jsonable(attrs))
+
+
+def load_arrays(path: str, group: str, storage_options=None) -> tuple[dict[str, np.ndarray], dict]:
+    """Read a subgroup written by :func:`save_arrays` (raises KeyError if absent)."""
+    g = open_group(path, storage_options, mode="r")[group]
+    return {k: np.asarray(v[...]) for k, v in g.arrays()}, dict(g.attrs)
+
+
+def consolidate(path: str, storage_options=None) -> None:
+    """Consolidate metadata once the run is finished (for fast opening)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        zarr.consolidate_metadata(str(path), **_zarr_kwargs(path, storage_options))
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=_default))
+
+
+def _default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)

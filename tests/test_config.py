@@ -1,0 +1,66 @@
+import pytest
+import yaml
+
+from popdask.config import ConfigError, config_from_dict, load_config
+
+BASE = {
+    "region": {"bbox": [4321000, 3210000, 4341000, 3230000]},
+    "stac": {"url": "http://127.0.0.1:1/api"},
+    "sources": {
+        "sentinel2": {"collection": "sentinel-2-l2a", "datetime": "2021-06-01/2021-10-31",
+                      "assets": ["B02", "B03", "B04"], "mask_asset": "SCL"},
+        "nightlights": {"url": "http://127.0.0.1:2", "collection": "viirs",
+                        "datetime": "2021-01-01/2021-12-31", "assets": ["rad"]},
+    },
+    "census": {"path": "grid.csv"},
+    "output": {"path": "out.zarr"},
+}
+
+
+def test_defaults_and_relative_paths(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text(yaml.safe_dump(BASE))
+    cfg = load_config(p)
+    assert cfg.model.clusters == 150 and cfg.grid.tile == 10000 and cfg.cluster.kind == "local"
+    assert cfg.census.column == "TOT_P_2021"
+    assert cfg.census.path == str(tmp_path / "grid.csv")
+    assert cfg.output.path == str(tmp_path / "out.zarr")
+    assert [n for n, _ in cfg.sources.items()] == ["sentinel2", "nightlights"]
+    assert cfg.make_grid().shape == (1000, 1000)
+
+
+def test_overrides_are_yaml_values(tmp_path):
+    cfg = config_from_dict(BASE, overrides=["model.clusters=40", "output.path=s3://b/run.zarr",
+                                            "cluster.kind=address", "cluster.address=tcp://h:1"])
+    assert cfg.model.clusters == 40
+    assert cfg.output.path == "s3://b/run.zarr"
+    assert cfg.cluster.address == "tcp://h:1"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"model": {"clusters": 1}}, "model.clusters"),
+        ({"region": {}}, "exactly one of region.bbox"),
+        ({"sources": {"sentinel2": {"collection": "x", "datetime": "2021", "assets": ["a"],
+                                    "months": [13]}}}, "months must be between 1 and 12"),
+        ({"modle": {}}, "modle: unknown key"),
+        ({"stac": {}}, "sources.sentinel2 has no STAC API"),
+        ({"grid": {"tile": 1500}}, "multiple of grid.cell"),
+        ({"cluster": {"kind": "address"}}, "needs cluster.address"),
+    ],
+)
+def test_errors_name_the_key(change, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({**BASE, **change}, name="run.yaml")
+
+
+def test_bbox_lonlat_is_transformed():
+    data = {**BASE, "region": {"bbox_lonlat": [9.99, 51.99, 10.01, 52.01]}}
+    bounds = config_from_dict(data).make_grid().bounds
+    assert bounds[0] < 4321000 < bounds[2] and bounds[1] < 3210000 < bounds[3]
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such configuration file"):
+        load_config(tmp_path / "nope.yaml")

@@ -1,0 +1,82 @@
+import dask
+import numpy as np
+import pytest
+import rasterio
+import xarray as xr
+
+from popdask import store
+from popdask.grid import Grid
+
+
+@pytest.fixture
+def grid():
+    return Grid.from_bbox((4321000, 3210000, 4324000, 3212000), tile=2000)  # 150 × 100 px
+
+
+@pytest.fixture
+def census(grid):
+    v = np.arange(6, dtype=np.float32).reshape(2, 3)
+    v[0, 1] = np.nan
+    return xr.DataArray(v, dims=("y_cell", "x_cell"), coords=grid.cell_coords())
+
+
+@pytest.fixture
+def path(tmp_path, grid, census):
+    p = str(tmp_path / "out.zarr")
+    assert store.create(p, grid, bands=["B02", "vv"], kinds=["reflectance", "backscatter_db"],
+                        census=census, attrs={"config": {"a": 1}})
+    return p
+
+
+def test_contract_variables_dims_and_crs(path, grid):
+    ds = xr.open_zarr(path)  # no extra arguments: must be self-describing
+    assert ds.population.dims == ("y", "x") and ds.population.dtype == np.float32
+    assert ds.density.dims == ("y", "x") and ds.density.dtype == np.float32
+    assert ds.cluster.dims == ("y", "x") and ds.cluster.dtype == np.int16
+    assert ds.composite.dims == ("band", "y", "x")
+    assert ds.census.dims == ("y_cell", "x_cell") and ds.predicted.dims == ("y_cell", "x_cell")
+    for v in ("population", "density", "cluster", "composite", "census", "predicted"):
+        assert ds[v].rio.crs.to_epsg() == 3035, v
+    assert list(ds.band.values) == ["B02", "vv"]
+    assert ds.population.rio.transform() == grid.transform
+    assert ds.attrs["config"] == {"a": 1}
+    np.testing.assert_array_equal(ds.census.values[0], [0, np.nan, 2])
+
+
+def test_gdal_reads_population(path, grid):
+    with rasterio.open(f'ZARR:"{path}":/population') as src:
+        assert src.width == 150 and src.height == 100
+        assert src.crs is not None and src.crs.to_epsg() == 3035
+
+
+def test_tile_write_and_status(path, grid):
+    t = grid.tiles()[1]
+    ny, nx = t.shape
+    pop = dask.array.full((ny, nx), 2.5, dtype=np.float32)
+    dask.compute(store.write_tile(path, t, {
+        "population": (("y", "x"), pop),
+        "predicted": (("y_cell", "x_cell"), np.full((ny // 50, nx // 50), 7, np.float32)),
+    }))
+    store.set_status(path, [t], store.COMPLETE)
+    ds = store.open_store(path)
+    p = ds.population.values
+    assert (p[t.ys, t.xs] == 2.5).all() and np.isnan(p[:, : t.xs.start]).all()
+    assert (ds.predicted.values[t.ys_cell, t.xs_cell] == 7).all()
+    st = store.tile_status(path)
+    assert st[t.row, t.col] == store.COMPLETE and (st != store.COMPLETE).sum() == st.size - 1
+
+
+def test_resume_checks_grid(path, grid, census):
+    assert not store.create(path, grid, bands=["B02", "vv"], kinds=["reflectance"] * 2,
+                            census=census, attrs={})
+    with pytest.raises(store.StoreError, match="another grid or bands"):
+        store.create(path, grid, bands=["B02"], kinds=["reflectance"], census=census, attrs={})
+
+
+def test_arrays_group_round_trip(path):
+    store.save_arrays(path, "model", {"centroids": np.eye(3)}, {"bands": ["a", "b"]})
+    arrays, attrs = store.load_arrays(path, "model")
+    np.testing.assert_array_equal(arrays["centroids"], np.eye(3))
+    assert attrs["bands"] == ["a", "b"]
+    with pytest.raises(KeyError):
+        store.load_arrays(path, "nothing")
