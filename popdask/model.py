@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import dask
 import dask.array as da
 import numpy as np
 
@@ -124,6 +125,41 @@ def sample_tile(composite: np.ndarray, n: int, seed: int) -> np.ndarray:
     return flat[:, np.sort(pick)].T.astype(np.float32)
 
 
+def _fit_pca(z: np.ndarray, n_comp: int, block_rows: int):
+    """dask-ml IncrementalPCA on the standardised sample: (components, mean, variance)."""
+    from dask_ml.decomposition import IncrementalPCA
+
+    pca = IncrementalPCA(n_components=n_comp, whiten=False, batch_size=block_rows)
+    with warnings.catch_warnings():
+        # dask-ml divides 0/0 for the noise variance when all components are kept
+        warnings.filterwarnings("ignore", "invalid value encountered in divide", RuntimeWarning)
+        pca.fit(da.from_array(z, chunks=(block_rows, -1)))
+    return (
+        np.asarray(pca.components_, dtype=np.float64),
+        np.asarray(pca.mean_, dtype=np.float64),
+        np.asarray(pca.explained_variance_, dtype=np.float64),
+    )
+
+
+def _fit_kmeans(p: np.ndarray, clusters: int, *, seed: int, block_rows: int, epochs: int):
+    """Mini-batch k-means over dask blocks (dask-ml ``Incremental``): the centroids.
+
+    Chosen over ``dask_ml.cluster.KMeans`` by ``benchmarks/kmeans.py``.
+    """
+    from dask_ml.wrappers import Incremental
+    from sklearn.cluster import MiniBatchKMeans
+
+    rng = np.random.default_rng(seed)
+    km = Incremental(
+        MiniBatchKMeans(n_clusters=clusters, random_state=seed, n_init=3, reassignment_ratio=0.01),
+        shuffle_blocks=True,
+        random_state=seed,
+    )
+    for _ in range(epochs):
+        km.partial_fit(da.from_array(p[rng.permutation(p.shape[0])], chunks=(block_rows, -1)))
+    return np.asarray(km.estimator_.cluster_centers_, dtype=np.float64)
+
+
 def fit_model(
     samples: np.ndarray,
     bands: Sequence[str],
@@ -158,10 +194,6 @@ def fit_model(
     -------
     PixelModel
     """
-    from dask_ml.decomposition import IncrementalPCA
-    from dask_ml.wrappers import Incremental
-    from sklearn.cluster import MiniBatchKMeans
-
     kinds = tuple(kinds)
     x = transform(samples, kinds, axis=-1)
     required = np.array([k == REFLECTANCE for k in kinds])
@@ -178,26 +210,12 @@ def fit_model(
     z[~np.isfinite(z)] = 0.0
     z = z.astype(np.float64)
     n_comp = min(components, z.shape[1])
-    zd = da.from_array(z, chunks=(block_rows, -1))
-    pca = IncrementalPCA(n_components=n_comp, whiten=False, batch_size=block_rows)
-    with warnings.catch_warnings():
-        # dask-ml divides 0/0 for the noise variance when all components are kept
-        warnings.filterwarnings("ignore", "invalid value encountered in divide", RuntimeWarning)
-        pca.fit(zd)
-    ev = np.asarray(pca.explained_variance_, dtype=np.float64)
-    comps = np.asarray(pca.components_, dtype=np.float64)
-    pmean = np.asarray(pca.mean_, dtype=np.float64)
-    p = ((z - pmean) @ comps.T) / np.sqrt(ev)
-    rng = np.random.default_rng(seed)
-    km = Incremental(
-        MiniBatchKMeans(n_clusters=clusters, random_state=seed, n_init=3, reassignment_ratio=0.01),
-        shuffle_blocks=True,
-        random_state=seed,
-    )
-    for _ in range(epochs):
-        pd_ = da.from_array(p[rng.permutation(p.shape[0])], chunks=(block_rows, -1))
-        km.partial_fit(pd_)
-    centroids = np.asarray(km.estimator_.cluster_centers_, dtype=np.float64)
+    # The sample already sits in this process: fit it here on threads rather than ship it
+    # to the cluster (it is small; the region never has to fit in memory).
+    with dask.config.set(scheduler="threads"):
+        comps, pmean, ev = _fit_pca(z, n_comp, block_rows)
+        p = ((z - pmean) @ comps.T) / np.sqrt(ev)
+        centroids = _fit_kmeans(p, clusters, seed=seed, block_rows=block_rows, epochs=epochs)
     model = PixelModel(
         bands=tuple(bands),
         kinds=kinds,

@@ -225,6 +225,7 @@ def create(
             encoding=encoding,
             storage_options=_so(path, storage_options),
         )
+    consolidate(path, storage_options)
     return True
 
 
@@ -284,6 +285,7 @@ def update_attrs(path: str, attrs: Mapping[str, Any], storage_options=None) -> N
     """Merge ``attrs`` into the store's root attributes (JSON-able values)."""
     g = open_group(path, storage_options)
     g.attrs.update(_jsonable(attrs))
+    consolidate(path, storage_options)
 
 
 def save_arrays(

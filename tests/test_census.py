@@ -17,7 +17,9 @@ def grid():
 def table(grid):
     xs = [4321000, 4322000, 4323000]
     ys = [3210000, 3211000]
-    rows = [(cell_id(x, y), x, y, 10.0 * i) for i, (y, x) in enumerate((y, x) for y in ys for x in xs)]
+    rows = [
+        (cell_id(x, y), x, y, 10.0 * i) for i, (y, x) in enumerate((y, x) for y in ys for x in xs)
+    ]
     df = pd.DataFrame(rows, columns=["GRD_ID", "X_LLC", "Y_LLC", "TOT_P_2021"])
     df.loc[1, "TOT_P_2021"] = np.nan  # confidential
     df.loc[2, "TOT_P_2021"] = -9999  # flagged unknown
@@ -39,8 +41,9 @@ def test_parse_grd_id():
 
 
 def test_cells_to_raster_unknown_stays_nan(grid):
-    r = cells_to_raster(np.array([4321000, 4323000]), np.array([3211000, 3210000]),
-                        np.array([5.0, -1.0]), grid)
+    r = cells_to_raster(
+        np.array([4321000, 4323000]), np.array([3211000, 3210000]), np.array([5.0, -1.0]), grid
+    )
     assert r.shape == (2, 3)
     assert r[0, 0] == 5 and np.isnan(r[1, 2]) and np.isnan(r).sum() == 5
 

@@ -61,8 +61,9 @@ def test_optical_masks_clouds_and_applies_offsets():
 def test_optical_pixel_cloudy_everywhere_is_nan():
     dn = np.full((2, 2, 1, 1), 500, np.float32)
     dn[:, 1] = 8
-    out = optical_composite(dn, groups=np.arange(2), scale=np.full((2, 2), 1e-4),
-                            offset=np.zeros((2, 2)), mask_band=1)
+    out = optical_composite(
+        dn, groups=np.arange(2), scale=np.full((2, 2), 1e-4), offset=np.zeros((2, 2)), mask_band=1
+    )
     assert np.isnan(out).all()
 
 

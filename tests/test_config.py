@@ -7,10 +7,18 @@ BASE = {
     "region": {"bbox": [4321000, 3210000, 4341000, 3230000]},
     "stac": {"url": "http://127.0.0.1:1/api"},
     "sources": {
-        "sentinel2": {"collection": "sentinel-2-l2a", "datetime": "2021-06-01/2021-10-31",
-                      "assets": ["B02", "B03", "B04"], "mask_asset": "SCL"},
-        "nightlights": {"url": "http://127.0.0.1:2", "collection": "viirs",
-                        "datetime": "2021-01-01/2021-12-31", "assets": ["rad"]},
+        "sentinel2": {
+            "collection": "sentinel-2-l2a",
+            "datetime": "2021-06-01/2021-10-31",
+            "assets": ["B02", "B03", "B04"],
+            "mask_asset": "SCL",
+        },
+        "nightlights": {
+            "url": "http://127.0.0.1:2",
+            "collection": "viirs",
+            "datetime": "2021-01-01/2021-12-31",
+            "assets": ["rad"],
+        },
     },
     "census": {"path": "grid.csv"},
     "output": {"path": "out.zarr"},
@@ -30,8 +38,15 @@ def test_defaults_and_relative_paths(tmp_path):
 
 
 def test_overrides_are_yaml_values(tmp_path):
-    cfg = config_from_dict(BASE, overrides=["model.clusters=40", "output.path=s3://b/run.zarr",
-                                            "cluster.kind=address", "cluster.address=tcp://h:1"])
+    cfg = config_from_dict(
+        BASE,
+        overrides=[
+            "model.clusters=40",
+            "output.path=s3://b/run.zarr",
+            "cluster.kind=address",
+            "cluster.address=tcp://h:1",
+        ],
+    )
     assert cfg.model.clusters == 40
     assert cfg.output.path == "s3://b/run.zarr"
     assert cfg.cluster.address == "tcp://h:1"
@@ -42,8 +57,19 @@ def test_overrides_are_yaml_values(tmp_path):
     [
         ({"model": {"clusters": 1}}, "model.clusters"),
         ({"region": {}}, "exactly one of region.bbox"),
-        ({"sources": {"sentinel2": {"collection": "x", "datetime": "2021", "assets": ["a"],
-                                    "months": [13]}}}, "months must be between 1 and 12"),
+        (
+            {
+                "sources": {
+                    "sentinel2": {
+                        "collection": "x",
+                        "datetime": "2021",
+                        "assets": ["a"],
+                        "months": [13],
+                    }
+                }
+            },
+            "months must be between 1 and 12",
+        ),
         ({"modle": {}}, "modle: unknown key"),
         ({"stac": {}}, "sources.sentinel2 has no STAC API"),
         ({"grid": {"tile": 1500}}, "multiple of grid.cell"),

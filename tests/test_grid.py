@@ -49,9 +49,9 @@ def test_tiles_cover_region_once_and_hold_whole_cells():
 
 
 def test_grid_rejects_bad_sizes():
-    with pytest.raises(ValueError, match="multiple of grid.resolution"):
+    with pytest.raises(ValueError, match=r"multiple of grid\.resolution"):
         Grid.from_bbox((0, 0, 1000, 1000), resolution=30)
-    with pytest.raises(ValueError, match="multiple of grid.cell"):
+    with pytest.raises(ValueError, match=r"multiple of grid\.cell"):
         Grid.from_bbox((0, 0, 1000, 1000), tile=1500)
     with pytest.raises(ValueError, match="from_bbox"):
         Grid((10, 0, 1000, 1000))

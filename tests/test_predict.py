@@ -72,16 +72,28 @@ def test_tile_with_halo_equals_whole_region():
     lab = rng.integers(-1, 4, (40, 60)).astype(np.int16)
     census = rng.uniform(0, 900, (8, 12))
     sigma = 1.5
-    whole = predict_window(lab, census, DENS, cell_px=CPX, resolution=20, sigma=sigma,
-                           inner=(slice(0, 40), slice(0, 60)))
+    whole = predict_window(
+        lab,
+        census,
+        DENS,
+        cell_px=CPX,
+        resolution=20,
+        sigma=sigma,
+        inner=(slice(0, 40), slice(0, 60)),
+    )
     h = halo_px(sigma, CPX)
     assert h % CPX == 0 and h >= 4 * sigma
     ys, xs = slice(10, 25), slice(20, 40)  # an inner tile
     wy, wx = slice(ys.start - h, ys.stop + h), slice(xs.start - h, xs.stop + h)
-    part = predict_window(lab[wy, wx], census[wy.start // CPX : wy.stop // CPX,
-                                              wx.start // CPX : wx.stop // CPX],
-                          DENS, cell_px=CPX, resolution=20, sigma=sigma,
-                          inner=(slice(h, h + 15), slice(h, h + 20)))
+    part = predict_window(
+        lab[wy, wx],
+        census[wy.start // CPX : wy.stop // CPX, wx.start // CPX : wx.stop // CPX],
+        DENS,
+        cell_px=CPX,
+        resolution=20,
+        sigma=sigma,
+        inner=(slice(h, h + 15), slice(h, h + 20)),
+    )
     np.testing.assert_allclose(part["density"], whole["density"][ys, xs], rtol=1e-5, atol=1e-3)
     np.testing.assert_array_equal(part["population"], whole["population"][ys, xs])
     np.testing.assert_allclose(part["predicted"], whole["predicted"][2:5, 4:8])

@@ -23,8 +23,14 @@ def census(grid):
 @pytest.fixture
 def path(tmp_path, grid, census):
     p = str(tmp_path / "out.zarr")
-    assert store.create(p, grid, bands=["B02", "vv"], kinds=["reflectance", "backscatter_db"],
-                        census=census, attrs={"config": {"a": 1}})
+    assert store.create(
+        p,
+        grid,
+        bands=["B02", "vv"],
+        kinds=["reflectance", "backscatter_db"],
+        census=census,
+        attrs={"config": {"a": 1}},
+    )
     return p
 
 
@@ -53,10 +59,16 @@ def test_tile_write_and_status(path, grid):
     t = grid.tiles()[1]
     ny, nx = t.shape
     pop = dask.array.full((ny, nx), 2.5, dtype=np.float32)
-    dask.compute(store.write_tile(path, t, {
-        "population": (("y", "x"), pop),
-        "predicted": (("y_cell", "x_cell"), np.full((ny // 50, nx // 50), 7, np.float32)),
-    }))
+    dask.compute(
+        store.write_tile(
+            path,
+            t,
+            {
+                "population": (("y", "x"), pop),
+                "predicted": (("y_cell", "x_cell"), np.full((ny // 50, nx // 50), 7, np.float32)),
+            },
+        )
+    )
     store.set_status(path, [t], store.COMPLETE)
     ds = store.open_store(path)
     p = ds.population.values
@@ -67,8 +79,9 @@ def test_tile_write_and_status(path, grid):
 
 
 def test_resume_checks_grid(path, grid, census):
-    assert not store.create(path, grid, bands=["B02", "vv"], kinds=["reflectance"] * 2,
-                            census=census, attrs={})
+    assert not store.create(
+        path, grid, bands=["B02", "vv"], kinds=["reflectance"] * 2, census=census, attrs={}
+    )
     with pytest.raises(store.StoreError, match="another grid or bands"):
         store.create(path, grid, bands=["B02"], kinds=["reflectance"], census=census, attrs={})
 
