@@ -16,8 +16,13 @@ def _setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("distributed", "bokeh", "tornado", "urllib3", "rasterio", "numba"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    import distributed  # noqa: F401  (configures its loggers; quiet them after)
+
+    noisy = ("distributed", "bokeh", "tornado", "urllib3", "rasterio", "numba")
+    for name in [*noisy, *logging.root.manager.loggerDict]:
+        if name.split(".")[0] in noisy:
+            level = logging.ERROR if name.split(".")[0] == "distributed" else logging.WARNING
+            logging.getLogger(name).setLevel(level)
 
 
 def _print_metrics(metrics: dict) -> None:

@@ -120,8 +120,8 @@ def run_demo(
     with StacServer(colls, items, cwd=region.root) as server:
         log.info("demo: STAC API at %s", server.url)
         data = demo_config(region, server.url, out_dir)
-        (out_dir / "demo.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
         cfg = config_from_dict(data, overrides=list(overrides), name="demo")
+        (out_dir / "demo.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         result = run(
             cfg, client=client, progress=progress, truth=read_truth(region), report_dir=out_dir
         )
