@@ -139,8 +139,19 @@ class RegressionConfig(_Model):
 
 
 class OutputConfig(_Model):
+    """Where the store goes. With ``version`` set (e.g. ``2026-11``), each rebuild is its own
+    store ``{path}/{version}.zarr`` and ``{path}/latest.json`` names the newest finished one."""
+
     path: str
     storage_options: dict[str, Any] = {}
+    version: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+    @property
+    def store(self) -> str:
+        """Path or URL of this run's Zarr store."""
+        if self.version is None:
+            return self.path
+        return f"{self.path.rstrip('/')}/{self.version}.zarr"
 
 
 class ClusterConfig(_Model):

@@ -129,7 +129,7 @@ def _todo(path: str, grid: Grid, code: int, storage_options) -> list[Tile]:
 def composite_pass(
     client: Client, cfg: Config, grid: Grid, sources: Sequence[SourceItems], *, progress: bool
 ) -> list[str]:
-    path, so = cfg.output.path, cfg.output.storage_options
+    path, so = cfg.output.store, cfg.output.storage_options
 
     def build(t: Tile):
         data, _, _, _ = tile_composite(
@@ -156,7 +156,7 @@ def composite_pass(
 # Pass 2: fit the pixel model
 # --------------------------------------------------------------------------------------
 def fit_pass(client: Client, cfg: Config, grid: Grid) -> PixelModel:
-    path, so = cfg.output.path, cfg.output.storage_options
+    path, so = cfg.output.store, cfg.output.storage_options
     try:
         arrays, attrs = store.load_arrays(path, "model", so)
         model = PixelModel.from_arrays(arrays, attrs)
@@ -188,7 +188,7 @@ def fit_pass(client: Client, cfg: Config, grid: Grid) -> PixelModel:
 # Pass 3: labels, densities, prediction
 # --------------------------------------------------------------------------------------
 def label_pass(client: Client, cfg: Config, grid: Grid, model: PixelModel, *, progress: bool):
-    path, so = cfg.output.path, cfg.output.storage_options
+    path, so = cfg.output.store, cfg.output.storage_options
     ds = store.open_store(path, so)
 
     def build(t: Tile):
@@ -222,7 +222,7 @@ def cv_groups(grid: Grid, block: float = CV_BLOCK) -> np.ndarray:
 
 def density_fit(client: Client, cfg: Config, grid: Grid, model: PixelModel) -> dict[str, Any]:
     """Cluster fractions per cell from the stored labels, then the bounded fit."""
-    path, so = cfg.output.path, cfg.output.storage_options
+    path, so = cfg.output.store, cfg.output.storage_options
     ds = store.open_store(path, so)
     fr = regression.cell_fractions(ds.cluster.data, model.n_clusters, cell_px=grid.cell_px)
     fractions = np.asarray(client.compute(fr).result(), dtype=np.float64)
@@ -260,7 +260,7 @@ def density_fit(client: Client, cfg: Config, grid: Grid, model: PixelModel) -> d
 def predict_pass(
     client: Client, cfg: Config, grid: Grid, densities: np.ndarray, *, progress: bool
 ) -> list[str]:
-    path, so = cfg.output.path, cfg.output.storage_options
+    path, so = cfg.output.store, cfg.output.storage_options
     ds = store.open_store(path, so)
     census = ds.census.values if cfg.regression.rescale else None
     sigma = cfg.regression.smooth_sigma
@@ -406,7 +406,7 @@ def run(
     computed: dict[str, list[str]] = {}
     t0 = time.perf_counter()
     grid = cfg.make_grid()
-    path, so = cfg.output.path, cfg.output.storage_options
+    path, so = cfg.output.store, cfg.output.storage_options
     log.info("grid: %s, %d×%d px, %d tiles", grid.bounds, *grid.shape, len(grid.tiles()))
     census = read_census(cfg.census.path, grid, column=cfg.census.column)
     sources = search_sources(cfg, region_lonlat(grid))
@@ -451,8 +451,9 @@ def run(
     store.update_attrs(
         path, {"metrics": metrics, "model": model.summary(), "densities": fit["densities"]}, so
     )
-    store.consolidate(path, so)
     _reports(path, so, metrics, report_dir, cfg)
+    if cfg.output.version is not None:
+        store.write_latest(cfg.output.path, cfg.output.version, so)
     log.info("done: %s", {k: v for k, v in metrics.items() if k != "timings_s"})
     return RunResult(path, metrics, timings, computed)
 

@@ -317,6 +317,53 @@ def consolidate(path: str, storage_options=None) -> None:
         zarr.consolidate_metadata(str(path), **_zarr_kwargs(path, storage_options))
 
 
+LATEST = "latest.json"
+
+
+def write_latest(base: str, version: str, storage_options=None) -> None:
+    """Point ``{base}/latest.json`` at the finished store of ``version``.
+
+    Called only after a run has finished, so readers following the pointer never see a
+    half-built product. Local files are replaced atomically; object stores write the small
+    object in one request.
+    """
+    import datetime as dt
+    import os
+
+    import fsspec
+
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    doc = json.dumps({"version": version, "store": f"{version}.zarr", "finished": now})
+    target = f"{base.rstrip('/')}/{LATEST}"
+    if not _is_url(base):
+        tmp = f"{target}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(doc)
+        os.replace(tmp, target)
+        return
+    with fsspec.open(target, "w", **dict(storage_options or {})) as f:
+        f.write(doc)
+
+
+def latest(base: str, storage_options=None) -> str:
+    """Path of the newest finished store under a versioned output ``base``.
+
+    Raises
+    ------
+    StoreError
+        When no rebuild has finished there yet.
+    """
+    import fsspec
+
+    target = f"{base.rstrip('/')}/{LATEST}"
+    try:
+        with fsspec.open(target, "r", **dict(storage_options or {})) as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise StoreError(f"{target} not found: no rebuild under {base} has finished yet") from None
+    return f"{base.rstrip('/')}/{doc['store']}"
+
+
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=_default))
 

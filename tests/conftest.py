@@ -8,6 +8,40 @@ from __future__ import annotations
 
 import pytest
 
+CONFIG = """\
+region: {{bbox: [4321000, 3210000, 4327000, 3216000]}}
+grid: {{resolution: 20, cell: 1000, tile: 3000}}
+stac: {{url: "{url}"}}
+sources:
+  sentinel2:
+    collection: sentinel-2-l2a
+    datetime: 2021-06-01/2022-10-31
+    months: [6, 7, 8, 9, 10]
+    assets: [B01, B02, B03, B04, B05, B06, B07, B08, B8A, B11, B12]
+    mask_asset: SCL
+    max_cloud_cover: 80
+  sentinel1: {{collection: sentinel-1-rtc, datetime: 2021-01-01/2021-12-31, assets: [vv, vh]}}
+  nightlights:
+    url: "{url}"
+    collection: viirs-nightlights
+    datetime: 2021-01-01/2021-12-31
+    assets: [avg_rad]
+census: {{path: "{census}", column: TOT_P_2021}}
+model: {{components: 8, clusters: 20, sample_pixels: 40000, seed: 0}}
+regression: {{rescale: true, smooth_sigma: 3}}
+output: {{path: out.zarr{output_extra}}}
+cluster: {{kind: address, address: "{address}"}}
+"""
+
+
+def write_config(directory, *, url, census, address, output_extra="") -> object:
+    """Write the hand-written run configuration above into ``directory``; return its path."""
+    path = directory / "my.yaml"
+    path.write_text(CONFIG.format(url=url, census=census, address=address,
+                                  output_extra=output_extra))  # fmt: skip
+    return path
+
+
 # A small region: 6 × 6 km cut in four 3 km tiles (36 census cells).
 SMALL_BBOX = (4321000, 3210000, 4327000, 3216000)
 
@@ -42,3 +76,14 @@ def dask_cluster():
         memory_limit="4GiB",
     ) as cluster:  # fmt: skip
         yield cluster.scheduler_address
+
+
+@pytest.fixture(scope="session")
+def clean_run(tmp_path_factory, demo_region, stac_api, dask_cluster):
+    """`popdask run my.yaml` once, uninterrupted; returns the config path (store beside it)."""
+    from popdask import cli
+
+    path = write_config(tmp_path_factory.mktemp("run"), url=stac_api, census=demo_region.census,
+                        address=dask_cluster)  # fmt: skip
+    assert cli.main(["run", str(path)]) == 0
+    return path

@@ -19,40 +19,11 @@ from popdask.pipeline import run
 
 pytestmark = pytest.mark.integration
 
-CONFIG = """\
-region: {{bbox: [4321000, 3210000, 4327000, 3216000]}}
-grid: {{resolution: 20, cell: 1000, tile: 3000}}
-stac: {{url: "{url}"}}
-sources:
-  sentinel2:
-    collection: sentinel-2-l2a
-    datetime: 2021-06-01/2022-10-31
-    months: [6, 7, 8, 9, 10]
-    assets: [B01, B02, B03, B04, B05, B06, B07, B08, B8A, B11, B12]
-    mask_asset: SCL
-    max_cloud_cover: 80
-  sentinel1: {{collection: sentinel-1-rtc, datetime: 2021-01-01/2021-12-31, assets: [vv, vh]}}
-  nightlights:
-    url: "{url}"
-    collection: viirs-nightlights
-    datetime: 2021-01-01/2021-12-31
-    assets: [avg_rad]
-census: {{path: "{census}", column: TOT_P_2021}}
-model: {{components: 8, clusters: 20, sample_pixels: 40000, seed: 0}}
-regression: {{rescale: true, smooth_sigma: 3}}
-output: {{path: out.zarr}}
-cluster: {{kind: address, address: "{address}"}}
-"""
-
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, demo_region, stac_api, dask_cluster):
-    """Run `popdask run my.yaml` once; yield the config path."""
-    d = tmp_path_factory.mktemp("run")
-    path = d / "my.yaml"
-    path.write_text(CONFIG.format(url=stac_api, census=demo_region.census, address=dask_cluster))
-    assert cli.main(["run", str(path)]) == 0
-    return path
+def finished(clean_run):
+    """The config path of a finished `popdask run my.yaml` (see conftest.clean_run)."""
+    return clean_run
 
 
 def test_store_follows_the_contract(finished):
