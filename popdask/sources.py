@@ -28,6 +28,7 @@ from rasterio.enums import Resampling
 from popdask import composite as comp
 from popdask.config import Config, SourceConfig
 from popdask.grid import EPSG, Grid
+from popdask.reader import ClosingReader
 
 log = logging.getLogger(__name__)
 
@@ -325,6 +326,7 @@ def load_stack(
         properties=False,
         band_coords=False,
         gdal_env=_gdal_env(),
+        reader=ClosingReader,
     )
 
 
