@@ -1,4 +1,4 @@
-"""The ``popdask`` command: ``demo``, ``run``, ``status``."""
+"""The ``popdask`` command: ``demo``, ``run``, ``status``, ``evaluate``."""
 
 from __future__ import annotations
 
@@ -66,6 +66,81 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if np.all(status == store.COMPLETE) else 3
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a finished store: 1 km fit, bias by class, coarse to fine, truth."""
+    from pathlib import Path
+
+    from popdask import store
+    from popdask.evaluate import evaluate, load_truth
+
+    def _fmt(v, spec: str = ".3f") -> str:
+        return "—" if v is None else format(v, spec)
+
+    so = json.loads(args.storage_options)
+    if args.out is not None:
+        out = Path(args.out)
+    elif "://" in args.store:
+        out = Path.cwd()
+    else:
+        out = Path(args.store).resolve().parent
+    truth = None
+    if args.truth:
+        if not store.exists(args.store, so):
+            raise ValueError(f"{args.store} is not a popdask store")
+        grid = store.open_group(args.store, so, mode="r").attrs["popdask"]["grid"]
+        truth = load_truth(args.truth, grid["bounds"], grid["resolution"])
+    r = evaluate(
+        args.store,
+        truth=truth,
+        n_splits=args.splits,
+        block=args.block,
+        storage_options=so,
+        figure=out / "evaluation.png",
+        json_path=out / "evaluation.json",
+    )
+    c = r["cells"]
+    print(
+        f"popdask evaluate: {args.store}: {c['used']} of {c['total']} cells used, "
+        f"{r['clusters']} clusters; {r['n_splits']}-fold CV over {args.block:g} m blocks"
+    )
+    rows = [
+        ("1 km fit, in-sample", r["fit_1km"]["in_sample"]),
+        ("1 km fit, CV", r["fit_1km"]["cv"]),
+    ]
+    for ctf in r["coarse_to_fine"].values():
+        if ctf.get("in_sample") is None:
+            continue
+        km = ctf["factor"] * r["grid"]["cell"] / 1000
+        rows.append((f"{km:g} km → 1 km, in-sample", ctf["in_sample"]["model"]))
+        rows.append((f"{km:g} km → 1 km, rescaled", ctf["in_sample"]["rescaled"]))
+        if ctf.get("cv"):
+            rows.append((f"{km:g} km → 1 km, CV", ctf["cv"]["model"]))
+            rows.append((f"{km:g} km → 1 km, CV rescaled", ctf["cv"]["rescaled"]))
+        rows.append((f"{km:g} km → 1 km, areal baseline", ctf["baseline_areal"]))
+    for est, by_scale in (r.get("truth") or {}).items():
+        for scale, s in by_scale.items():
+            if isinstance(s, dict) and scale != "1000m":
+                rows.append((f"truth {scale}: {est}", s))
+    width = max(len(n) for n, _ in rows)
+    print(f"  {'':<{width}}  {'R²':>7} {'MAE':>9} {'RMSE':>9} {'R² log':>7}")
+    for name, s in rows:
+        if s is None:
+            print(f"  {name:<{width}}  (not enough groups)")
+            continue
+        print(
+            f"  {name:<{width}}  {_fmt(s['r2']):>7} {_fmt(s['mae'], '.4g'):>9} "
+            f"{_fmt(s['rmse'], '.4g'):>9} {_fmt(s['r2_log1p']):>7}"
+        )
+    print("  bias by density class (persons per cell, predicted − census; CV):")
+    bias = r["bias_by_class"]["cv"] or r["bias_by_class"]["in_sample"]
+    for cls, b in bias.items():
+        rel = "" if b["relative_bias"] is None else f" ({b['relative_bias']:+.1%})"
+        val = "—" if b["bias"] is None else f"{b['bias']:+.1f}{rel}"
+        print(f"    {cls:<11} n={b['n']:<5} {val}")
+    print(f"popdask evaluate: wrote {out / 'evaluation.json'} and {out / 'evaluation.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="popdask", description=__doc__)
     p.add_argument("--version", action="version", version=f"popdask {__version__}")
@@ -105,6 +180,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("store", help="path or URL of the output Zarr store")
     s.add_argument("--storage-options", default="{}", help="JSON fsspec storage options")
     s.set_defaults(func=cmd_status)
+
+    e = sub.add_parser(
+        "evaluate", help="score a finished store: 1 km CV, bias by class, coarse to fine, truth"
+    )
+    e.add_argument("store", help="path or URL of the output Zarr store")
+    e.add_argument("--truth", default=None, help="true persons per pixel (GeoTIFF on the grid)")
+    e.add_argument(
+        "--out", default=None, help="folder for evaluation.json/.png (default: beside the store)"
+    )
+    e.add_argument("--storage-options", default="{}", help="JSON fsspec storage options")
+    e.add_argument("--splits", type=int, default=5, help="cross-validation folds (default: 5)")
+    e.add_argument(
+        "--block", type=float, default=5000.0, help="CV block side in metres (default: 5000)"
+    )
+    e.set_defaults(func=cmd_evaluate)
     return p
 
 

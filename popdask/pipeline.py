@@ -214,10 +214,7 @@ def label_pass(client: Client, cfg: Config, grid: Grid, model: PixelModel, *, pr
 
 def cv_groups(grid: Grid, block: float = CV_BLOCK) -> np.ndarray:
     """``(y_cell, x_cell)`` spatial block id of each cell, for grouped cross-validation."""
-    ny, nx = grid.cell_shape
-    per = max(int(block // grid.cell), 1)
-    r, c = np.meshgrid(np.arange(ny) // per, np.arange(nx) // per, indexing="ij")
-    return (r * (nx // per + 1) + c).astype(np.int64)
+    return regression.block_groups(grid.cell_shape, int(block // grid.cell))
 
 
 def density_fit(client: Client, cfg: Config, grid: Grid, model: PixelModel) -> dict[str, Any]:

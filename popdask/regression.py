@@ -602,3 +602,27 @@ def cross_validate(fractions, population, groups, *, n_splits: int = 5, **option
     fold = np.full(len(known), -1, dtype=np.int64)
     fold[known] = fold_k
     return CVResult(predicted=predicted, scores=scores(y, pred_k), fold=fold, densities=dens)
+
+
+def block_groups(cell_shape: tuple[int, int], cells_per_block: int) -> np.ndarray:
+    """Spatial block id of every cell: squares of ``cells_per_block`` cells from the corner.
+
+    The groups of the run's cross-validation (:func:`popdask.pipeline.cv_groups`) and of
+    :mod:`popdask.evaluate`: a block never straddles two folds.
+
+    Parameters
+    ----------
+    cell_shape : tuple of int
+        ``(ny_cell, nx_cell)``.
+    cells_per_block : int
+        Side of a block in cells (at least 1).
+
+    Returns
+    -------
+    numpy.ndarray, shape cell_shape, int64
+        Block id per cell; cells of one block share the id, ids grow row-major.
+    """
+    ny, nx = (int(v) for v in cell_shape)
+    per = max(int(cells_per_block), 1)
+    r, c = np.meshgrid(np.arange(ny) // per, np.arange(nx) // per, indexing="ij")
+    return (r * (nx // per + 1) + c).astype(np.int64)
