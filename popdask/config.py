@@ -69,6 +69,18 @@ class GridConfig(_Model):
 class StacConfig(_Model):
     url: str | None = None
     sign: Literal["planetary_computer"] | None = None
+    preset: str | None = None  # e.g. planetary-computer, earth-search (see popdask.presets)
+
+
+class ReadConfig(_Model):
+    """How COGs are read: cloud settings shipped to every worker with each task.
+
+    Credentials are never here: GDAL and fsspec read them from the environment.
+    """
+
+    s3_endpoint: str | None = None  # e.g. http://127.0.0.1:9000 for an S3-compatible server
+    requester_pays: bool = False
+    gdal: dict[str, str] = {}  # extra GDAL configuration options
 
 
 class SourceConfig(_Model):
@@ -187,6 +199,7 @@ class Config(_Model):
     regression: RegressionConfig = RegressionConfig()
     output: OutputConfig
     cluster: ClusterConfig = ClusterConfig()
+    read: ReadConfig = ReadConfig()
 
     @model_validator(mode="after")
     def _urls(self) -> Config:
