@@ -175,12 +175,13 @@ class ClusterConfig(_Model):
     proxy_address: str | None = None
     auth: str | None = None
     options: dict[str, Any] = {}
-    adaptive: dict[str, int] | None = None
+    adaptive: dict[Literal["minimum", "maximum"], int] | None = None
     shutdown_on_exit: bool = True
     image: str | None = None
     resources: dict[str, Any] = {}
     namespace: str | None = None
     batch_tiles: int = Field(16, gt=0)
+    timeout: float = Field(300, gt=0)  # seconds to wait for a cluster and its first worker
 
     @model_validator(mode="after")
     def _needs(self) -> ClusterConfig:
