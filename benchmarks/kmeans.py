@@ -54,8 +54,10 @@ def main() -> None:
     sample = proj[idx].astype(np.float64)
     census = ds.census.values.reshape(-1).astype(np.float64)
     groups = cv_groups(grid).reshape(-1)
-    print(f"{sample.shape[0]} pixels × {sample.shape[1]} components, k = {k}, "
-          f"{int(np.isfinite(census).sum())} census cells")  # fmt: skip
+    print(
+        f"{sample.shape[0]} pixels × {sample.shape[1]} components, k = {k}, "
+        f"{int(np.isfinite(census).sum())} census cells"
+    )
 
     from dask_ml.cluster import KMeans
     from dask_ml.wrappers import Incremental
@@ -74,12 +76,17 @@ def main() -> None:
         for name, fit in candidates.items():
             t0 = time.perf_counter()
             if fit is None:
-                inc = Incremental(MiniBatchKMeans(n_clusters=k, random_state=0, n_init=3,
-                                                  reassignment_ratio=0.01),
-                                  shuffle_blocks=True, random_state=0)  # fmt: skip
+                inc = Incremental(
+                    MiniBatchKMeans(
+                        n_clusters=k, random_state=0, n_init=3, reassignment_ratio=0.01
+                    ),
+                    shuffle_blocks=True,
+                    random_state=0,
+                )
                 for _ in range(3):
-                    inc.partial_fit(da.from_array(sample[rng.permutation(len(sample))],
-                                                  chunks=(50_000, -1)))  # fmt: skip
+                    inc.partial_fit(
+                        da.from_array(sample[rng.permutation(len(sample))], chunks=(50_000, -1))
+                    )
                 centroids = np.asarray(inc.estimator_.cluster_centers_)
             else:
                 centroids = np.asarray(fit(da.from_array(sample, chunks=(50_000, -1))))

@@ -648,15 +648,27 @@ def plot_evaluation(
             ins = np.asarray(in_sample, dtype=np.float64)
             ok_in = np.isfinite(obs) & np.isfinite(ins)
             ax_sc.scatter(
-                obs[ok_in], ins[ok_in], s=7, color="0.65", alpha=0.6, linewidths=0,
-                label="in-sample", rasterized=True,
-            )  # fmt: skip
+                obs[ok_in],
+                ins[ok_in],
+                s=7,
+                color="0.65",
+                alpha=0.6,
+                linewidths=0,
+                label="in-sample",
+                rasterized=True,
+            )
             if ok_in.any():
                 top = max(top, float(ins[ok_in].max()))
         ax_sc.scatter(
-            obs[ok], pred[ok], s=9, color="tab:blue", alpha=0.7, linewidths=0, label=title,
+            obs[ok],
+            pred[ok],
+            s=9,
+            color="tab:blue",
+            alpha=0.7,
+            linewidths=0,
+            label=title,
             rasterized=True,
-        )  # fmt: skip
+        )
         if ok.any():
             top = max(top, float(obs[ok].max()), float(pred[ok].max()))
         lims = (0.0, top * 1.2)

@@ -131,12 +131,47 @@ LANDCOVER_CLASSES: dict[int, str] = {
 
 #: Sentinel-2 L2A reflectance bands written (the asset keys), in this order.
 S2_BANDS: tuple[str, ...] = (
-    "B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12",
-)  # fmt: skip
-_S2_WAVELENGTH_UM = (0.443, 0.490, 0.560, 0.665, 0.705, 0.740, 0.783, 0.842, 0.865, 0.945, 1.610,
-                     2.190)  # fmt: skip
-_S2_COMMON_NAME = ("coastal", "blue", "green", "red", "rededge", "rededge", "rededge", "nir",
-                   "nir08", "nir09", "swir16", "swir22")  # fmt: skip
+    "B01",
+    "B02",
+    "B03",
+    "B04",
+    "B05",
+    "B06",
+    "B07",
+    "B08",
+    "B8A",
+    "B09",
+    "B11",
+    "B12",
+)
+_S2_WAVELENGTH_UM = (
+    0.443,
+    0.490,
+    0.560,
+    0.665,
+    0.705,
+    0.740,
+    0.783,
+    0.842,
+    0.865,
+    0.945,
+    1.610,
+    2.190,
+)
+_S2_COMMON_NAME = (
+    "coastal",
+    "blue",
+    "green",
+    "red",
+    "rededge",
+    "rededge",
+    "rededge",
+    "nir",
+    "nir08",
+    "nir09",
+    "swir16",
+    "swir22",
+)
 _S2_NATIVE_RES = (60, 10, 10, 10, 20, 20, 20, 10, 20, 60, 20, 20)
 _B04, _B8A = S2_BANDS.index("B04"), S2_BANDS.index("B8A")
 
@@ -160,45 +195,136 @@ _ROOFS = slice(0, 4)
 _SPECTRA: dict[str, tuple[float, ...]] = {
     "crop": (0.030, 0.035, 0.075, 0.035, 0.110, 0.320, 0.420, 0.460, 0.480, 0.470, 0.230, 0.110),
     "grass": (0.035, 0.040, 0.080, 0.055, 0.120, 0.260, 0.330, 0.360, 0.375, 0.365, 0.250, 0.140),
-    "deciduous": (0.025, 0.030, 0.060, 0.032, 0.090, 0.270, 0.350, 0.380, 0.395, 0.385, 0.180,
-                  0.085),
+    "deciduous": (
+        0.025,
+        0.030,
+        0.060,
+        0.032,
+        0.090,
+        0.270,
+        0.350,
+        0.380,
+        0.395,
+        0.385,
+        0.180,
+        0.085,
+    ),
     "autumn": (0.032, 0.038, 0.070, 0.075, 0.125, 0.220, 0.265, 0.285, 0.295, 0.290, 0.215, 0.115),
     "conifer": (0.020, 0.022, 0.042, 0.022, 0.065, 0.170, 0.215, 0.235, 0.245, 0.240, 0.115, 0.052),
     "soil": (0.075, 0.095, 0.135, 0.175, 0.205, 0.225, 0.240, 0.255, 0.265, 0.270, 0.330, 0.285),
-    "senescent": (0.065, 0.085, 0.125, 0.165, 0.205, 0.235, 0.260, 0.280, 0.290, 0.295, 0.360,
-                  0.270),
+    "senescent": (
+        0.065,
+        0.085,
+        0.125,
+        0.165,
+        0.205,
+        0.235,
+        0.260,
+        0.280,
+        0.290,
+        0.295,
+        0.360,
+        0.270,
+    ),
     "water": (0.055, 0.050, 0.045, 0.028, 0.022, 0.013, 0.010, 0.008, 0.007, 0.005, 0.004, 0.003),
-    "roof_red": (0.055, 0.065, 0.085, 0.200, 0.250, 0.280, 0.300, 0.310, 0.320, 0.320, 0.380,
-                 0.330),
-    "roof_grey": (0.150, 0.165, 0.185, 0.205, 0.215, 0.225, 0.235, 0.245, 0.250, 0.250, 0.270,
-                  0.250),
-    "roof_dark": (0.060, 0.065, 0.072, 0.080, 0.085, 0.090, 0.095, 0.100, 0.105, 0.105, 0.125,
-                  0.115),
-    "roof_bright": (0.300, 0.330, 0.350, 0.360, 0.360, 0.360, 0.365, 0.370, 0.370, 0.365, 0.330,
-                    0.280),
+    "roof_red": (
+        0.055,
+        0.065,
+        0.085,
+        0.200,
+        0.250,
+        0.280,
+        0.300,
+        0.310,
+        0.320,
+        0.320,
+        0.380,
+        0.330,
+    ),
+    "roof_grey": (
+        0.150,
+        0.165,
+        0.185,
+        0.205,
+        0.215,
+        0.225,
+        0.235,
+        0.245,
+        0.250,
+        0.250,
+        0.270,
+        0.250,
+    ),
+    "roof_dark": (
+        0.060,
+        0.065,
+        0.072,
+        0.080,
+        0.085,
+        0.090,
+        0.095,
+        0.100,
+        0.105,
+        0.105,
+        0.125,
+        0.115,
+    ),
+    "roof_bright": (
+        0.300,
+        0.330,
+        0.350,
+        0.360,
+        0.360,
+        0.360,
+        0.365,
+        0.370,
+        0.370,
+        0.365,
+        0.330,
+        0.280,
+    ),
     "paved": (0.070, 0.080, 0.090, 0.100, 0.105, 0.110, 0.115, 0.120, 0.125, 0.125, 0.150, 0.140),
     "cloud": (0.520, 0.500, 0.490, 0.480, 0.480, 0.480, 0.470, 0.470, 0.470, 0.450, 0.330, 0.220),
-}  # fmt: skip
-_LAYER_SPECTRA = ("roof_red", "roof_grey", "roof_dark", "roof_bright", "paved", "water",
-                  "conifer", "deciduous", "grass", None, "soil")  # fmt: skip
+}
+_LAYER_SPECTRA = (
+    "roof_red",
+    "roof_grey",
+    "roof_dark",
+    "roof_bright",
+    "paved",
+    "water",
+    "conifer",
+    "deciduous",
+    "grass",
+    None,
+    "soil",
+)
 
 # Crop phenology: day of year -> (green, senescent) cover of the parcel; the rest is bare soil.
 _CEREAL, _MAIZE, _BEET, _MEADOW = 0, 1, 2, 3
 _CROP_CLASS = {_CEREAL: 7, _MAIZE: 8, _BEET: 9, _MEADOW: 10}
 _PHENOLOGY: dict[int, tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]] = {
-    _CEREAL: ((0, 60, 100, 130, 165, 185, 200, 215, 240, 260, 285, 305, 366),
-              (.25, .30, .55, .85, .85, .45, .10, .03, .03, .02, .15, .30, .25),
-              (0, 0, 0, 0, .05, .50, .85, .60, .20, .05, 0, 0, 0)),
-    _MAIZE: ((0, 120, 150, 170, 190, 210, 245, 265, 280, 290, 366),
-             (0, 0, .05, .20, .55, .88, .90, .60, .30, .02, 0),
-             (.15, .05, 0, 0, 0, 0, .05, .30, .60, .35, .15)),
-    _BEET: ((0, 110, 140, 165, 185, 200, 260, 285, 300, 315, 366),
-            (0, 0, .08, .45, .85, .95, .92, .80, .45, .05, 0),
-            (0, 0, 0, 0, 0, 0, 0, .05, .10, .05, 0)),
-    _MEADOW: ((0, 90, 120, 280, 320, 366),
-              (.55, .60, .85, .85, .60, .55),
-              (.25, .20, .08, .08, .20, .25)),
-}  # fmt: skip
+    _CEREAL: (
+        (0, 60, 100, 130, 165, 185, 200, 215, 240, 260, 285, 305, 366),
+        (0.25, 0.30, 0.55, 0.85, 0.85, 0.45, 0.10, 0.03, 0.03, 0.02, 0.15, 0.30, 0.25),
+        (0, 0, 0, 0, 0.05, 0.50, 0.85, 0.60, 0.20, 0.05, 0, 0, 0),
+    ),
+    _MAIZE: (
+        (0, 120, 150, 170, 190, 210, 245, 265, 280, 290, 366),
+        (0, 0, 0.05, 0.20, 0.55, 0.88, 0.90, 0.60, 0.30, 0.02, 0),
+        (0.15, 0.05, 0, 0, 0, 0, 0.05, 0.30, 0.60, 0.35, 0.15),
+    ),
+    _BEET: (
+        (0, 110, 140, 165, 185, 200, 260, 285, 300, 315, 366),
+        (0, 0, 0.08, 0.45, 0.85, 0.95, 0.92, 0.80, 0.45, 0.05, 0),
+        (0, 0, 0, 0, 0, 0, 0, 0.05, 0.10, 0.05, 0),
+    ),
+    _MEADOW: (
+        (0, 90, 120, 280, 320, 366),
+        (0.55, 0.60, 0.85, 0.85, 0.60, 0.55),
+        (0.25, 0.20, 0.08, 0.08, 0.20, 0.25),
+    ),
+}
 
 _PERSONS_PER_M2_FLOOR = 1.0 / 75.0  # gross residential floor area per inhabitant: 75 m²
 _LIGHT_GAIN = 4.5  # brings a town centre to ~60-90 nW/cm²/sr
@@ -730,8 +856,9 @@ def make_landscape(
         0.8 - 0.55 * td[m] + 0.15 * n_400[m] + red_bias[np.maximum(town_k[m], 0)], 0.1, 0.9
     )
     um = u_px[m]
-    roof_type[m] = np.where(um < red, 0, np.where(um < red + (1 - red) * 0.5, 1,
-                            np.where(um < 0.97, 2, 3)))  # fmt: skip
+    roof_type[m] = np.where(
+        um < red, 0, np.where(um < red + (1 - red) * 0.5, 1, np.where(um < 0.97, 2, 3))
+    )
     m = (lc == 4) & ~farm
     roof[m] = np.clip((0.14 + 0.04 * n_150[m]) * (1 + 0.5 * iid[m]), 0.02, 0.7)
     floors[m] = np.clip(1.6 + 0.2 * n_400[m], 1, 2.5)
@@ -1061,8 +1188,9 @@ def s2_observe(
     refl = surface.copy()
     h, w = sky.cloud.shape
     flat = refl.reshape(12, h * w)
-    k_shadow = np.asarray([0.5, 0.55, 0.62, 0.68, 0.7, 0.72, 0.74, 0.75, 0.75, 0.75, 0.78, 0.8],
-                          dtype=np.float32)[:, None]  # fmt: skip
+    k_shadow = np.asarray(
+        [0.5, 0.55, 0.62, 0.68, 0.7, 0.72, 0.74, 0.75, 0.75, 0.75, 0.78, 0.8], dtype=np.float32
+    )[:, None]
     cloud_spec = _spectra(("cloud",))[0][:, None]
     cirrus_spec = np.asarray([1.0] * 10 + [0.8, 0.6], np.float32)[:, None]
     # only the affected pixels are touched: clear skies cost nothing
@@ -1792,8 +1920,15 @@ def make_demo_region(
     region_tf = Affine(ps, 0.0, xmin, 0.0, -ps, ymax)
     truth = np.ascontiguousarray(land.population[inner])
     truth_path = root / "truth.tif"
-    _write_cog(truth_path, truth, crs="EPSG:3035", transform=region_tf, nodata=None,
-               resampling="average", tags={"units": "persons per pixel"})  # fmt: skip
+    _write_cog(
+        truth_path,
+        truth,
+        crs="EPSG:3035",
+        transform=region_tf,
+        nodata=None,
+        resampling="average",
+        tags={"units": "persons per pixel"},
+    )
     _write_cog(
         root / "landcover.tif",
         np.ascontiguousarray(land.landcover[inner]),
@@ -1862,15 +1997,17 @@ def make_demo_region(
                 out = np.zeros(g.grid.height * g.grid.width, dtype=np.uint16)
                 out[sel] = dn[b, src]
                 path = folder / f"{band}.tif"
-                _write_cog(path, out.reshape(shape), crs=utm, transform=g.grid.transform,
-                           nodata=S2_NODATA)  # fmt: skip
+                _write_cog(
+                    path, out.reshape(shape), crs=utm, transform=g.grid.transform, nodata=S2_NODATA
+                )
                 assets[band] = _s2_asset(href(path), b)
             out = np.zeros(g.grid.height * g.grid.width, dtype=np.uint8)
             scl_g = scl[src]
             out[sel] = scl_g
             path = folder / "SCL.tif"
-            _write_cog(path, out.reshape(shape), crs=utm, transform=g.grid.transform,
-                       nodata=S2_NODATA)  # fmt: skip
+            _write_cog(
+                path, out.reshape(shape), crs=utm, transform=g.grid.transform, nodata=S2_NODATA
+            )
             assets["SCL"] = {
                 "href": href(path),
                 "type": _COG_TYPE,
@@ -1943,8 +2080,13 @@ def make_demo_region(
                 out = np.full(g.grid.height * g.grid.width, S1_NODATA, dtype=np.float32)
                 out[sel] = data[src]
                 path = folder / f"{pol}.tif"
-                _write_cog(path, out.reshape(g.grid.height, g.grid.width), crs=utm,
-                           transform=g.grid.transform, nodata=S1_NODATA)  # fmt: skip
+                _write_cog(
+                    path,
+                    out.reshape(g.grid.height, g.grid.width),
+                    crs=utm,
+                    transform=g.grid.transform,
+                    nodata=S1_NODATA,
+                )
                 assets[pol] = {
                     "href": href(path),
                     "type": _COG_TYPE,

@@ -37,8 +37,9 @@ cluster: {{kind: address, address: "{address}"}}
 def write_config(directory, *, url, census, address, output_extra="") -> object:
     """Write the hand-written run configuration above into ``directory``; return its path."""
     path = directory / "my.yaml"
-    path.write_text(CONFIG.format(url=url, census=census, address=address,
-                                  output_extra=output_extra))  # fmt: skip
+    path.write_text(
+        CONFIG.format(url=url, census=census, address=address, output_extra=output_extra)
+    )
     return path
 
 
@@ -60,9 +61,10 @@ def stac_api(demo_region):
     from popdask.stac_server import StacServer
 
     with StacServer(
-        list(demo_region.collections.values()), list(demo_region.items.values()),
+        list(demo_region.collections.values()),
+        list(demo_region.items.values()),
         cwd=demo_region.root,
-    ) as server:  # fmt: skip
+    ) as server:
         yield server.url
 
 
@@ -72,9 +74,12 @@ def dask_cluster():
     from distributed import LocalCluster
 
     with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=":0",
         memory_limit="4GiB",
-    ) as cluster:  # fmt: skip
+    ) as cluster:
         yield cluster.scheduler_address
 
 
@@ -83,7 +88,11 @@ def clean_run(tmp_path_factory, demo_region, stac_api, dask_cluster):
     """`popdask run my.yaml` once, uninterrupted; returns the config path (store beside it)."""
     from popdask import cli
 
-    path = write_config(tmp_path_factory.mktemp("run"), url=stac_api, census=demo_region.census,
-                        address=dask_cluster)  # fmt: skip
+    path = write_config(
+        tmp_path_factory.mktemp("run"),
+        url=stac_api,
+        census=demo_region.census,
+        address=dask_cluster,
+    )
     assert cli.main(["run", str(path)]) == 0
     return path

@@ -15,8 +15,19 @@ pytestmark = pytest.mark.integration
 
 def test_demo_command_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    args = ["demo", "--size-km", "4", "--out", str(out), "--set", "grid.tile=2000",
-            "--set", "model.clusters=20", "--set", "model.sample_pixels=30000"]  # fmt: skip
+    args = [
+        "demo",
+        "--size-km",
+        "4",
+        "--out",
+        str(out),
+        "--set",
+        "grid.tile=2000",
+        "--set",
+        "model.clusters=20",
+        "--set",
+        "model.sample_pixels=30000",
+    ]
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
     assert "r2_100m_truth" in printed and "popdask-demo.zarr" in printed

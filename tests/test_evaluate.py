@@ -301,9 +301,16 @@ def finished_store(tmp_path_factory):
     store.consolidate(path)
     tif = tmp / "truth.tif"
     with rasterio.open(
-        tif, "w", driver="GTiff", width=nx, height=ny, count=1, dtype="float32",
-        crs="EPSG:3035", transform=grid.transform,
-    ) as dst:  # fmt: skip
+        tif,
+        "w",
+        driver="GTiff",
+        width=nx,
+        height=ny,
+        count=1,
+        dtype="float32",
+        crs="EPSG:3035",
+        transform=grid.transform,
+    ) as dst:
         dst.write(truth.astype(np.float32), 1)
     return {"path": path, "tif": tif, "truth": truth, "pop": pop, "dens": dens, "grid": grid}
 
@@ -351,8 +358,16 @@ def test_cli_writes_json_and_png(finished_store, tmp_path, capsys):
     from popdask.cli import main
 
     out = tmp_path / "report"
-    rc = main(["evaluate", finished_store["path"], "--truth", str(finished_store["tif"]),
-               "--out", str(out)])  # fmt: skip
+    rc = main(
+        [
+            "evaluate",
+            finished_store["path"],
+            "--truth",
+            str(finished_store["tif"]),
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "1 km fit, CV" in printed and "dense_core" in printed and "truth 100m" in printed

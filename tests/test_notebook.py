@@ -20,8 +20,16 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "explore.ipynb"
 def second_rebuild(clean_run, tmp_path_factory):
     """Another rebuild of the same region (fewer clusters), to compare with."""
     out = tmp_path_factory.mktemp("rebuild_b") / "b.zarr"
-    args = ["run", str(clean_run), "--set", "model.clusters=15", "--set", f"output.path={out}",
-            "--report-dir", str(out.parent)]  # fmt: skip
+    args = [
+        "run",
+        str(clean_run),
+        "--set",
+        "model.clusters=15",
+        "--set",
+        f"output.path={out}",
+        "--report-dir",
+        str(out.parent),
+    ]
     assert cli.main(args) == 0
     return out
 
@@ -31,8 +39,9 @@ def test_explore_notebook_executes(clean_run, second_rebuild, monkeypatch, tmp_p
     monkeypatch.setenv("POPDASK_STORE_B", str(second_rebuild))
     monkeypatch.setenv("POPDASK_CLUSTER", json.dumps({"kind": "local", "workers": 1}))
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()  # fmt: skip
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]

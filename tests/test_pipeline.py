@@ -28,8 +28,15 @@ def finished(clean_run):
 
 def test_store_follows_the_contract(finished):
     ds = xr.open_zarr(finished.parent / "out.zarr")
-    assert ds.sizes == {"y": 300, "x": 300, "y_cell": 6, "x_cell": 6, "band": 14,
-                        "tile_row": 2, "tile_col": 2}  # fmt: skip
+    assert ds.sizes == {
+        "y": 300,
+        "x": 300,
+        "y_cell": 6,
+        "x_cell": 6,
+        "band": 14,
+        "tile_row": 2,
+        "tile_col": 2,
+    }
     for v, dims, dtype in [
         ("population", ("y", "x"), np.float32),
         ("density", ("y", "x"), np.float32),

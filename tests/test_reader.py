@@ -14,9 +14,18 @@ from popdask.reader import ClosingReader
 def cog(tmp_path):
     path = tmp_path / "a.tif"
     data = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64)
-    with rasterio.open(path, "w", driver="GTiff", width=64, height=64, count=1, dtype="uint16",
-                       crs="EPSG:3035", transform=Affine(20, 0, 4321000, 0, -20, 3211280),
-                       nodata=0) as dst:  # fmt: skip
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=64,
+        height=64,
+        count=1,
+        dtype="uint16",
+        crs="EPSG:3035",
+        transform=Affine(20, 0, 4321000, 0, -20, 3211280),
+        nodata=0,
+    ) as dst:
         dst.write(data, 1)
     return path, data
 
@@ -25,9 +34,14 @@ def make(path):
     spec = RasterSpec(
         epsg=3035, bounds=(4321000, 3210000, 4322280, 3211280), resolutions_xy=(20, 20)
     )
-    return ClosingReader(url=str(path), spec=spec, resampling=Resampling.nearest,
-                         dtype=np.dtype("float32"), fill_value=np.float32("nan"),
-                         scale_offset=(1, 0))  # fmt: skip
+    return ClosingReader(
+        url=str(path),
+        spec=spec,
+        resampling=Resampling.nearest,
+        dtype=np.dtype("float32"),
+        fill_value=np.float32("nan"),
+        scale_offset=(1, 0),
+    )
 
 
 def test_reads_then_closes(cog):

@@ -30,16 +30,24 @@ def _status(path: str) -> np.ndarray | None:
         return None
 
 
-def test_killed_run_restarts_to_the_same_store(tmp_path, demo_region, stac_api, dask_cluster,
-                                               clean_run):  # fmt: skip
-    cfg_path = write_config(tmp_path, url=stac_api, census=demo_region.census,
-                            address=dask_cluster, output_extra=", version: v1")  # fmt: skip
+def test_killed_run_restarts_to_the_same_store(
+    tmp_path, demo_region, stac_api, dask_cluster, clean_run
+):
+    cfg_path = write_config(
+        tmp_path,
+        url=stac_api,
+        census=demo_region.census,
+        address=dask_cluster,
+        output_extra=", version: v1",
+    )
     cfg = load_config(cfg_path)
     proc = subprocess.Popen(
         [sys.executable, "-m", "popdask.cli", "run", str(cfg_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-    )  # fmt: skip
+    )
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -83,5 +91,6 @@ def test_killed_run_restarts_to_the_same_store(tmp_path, demo_region, stac_api, 
     for var in ("composite", "cluster", "census"):
         np.testing.assert_array_equal(resumed[var].values, clean[var].values, err_msg=var)
     for var in ("population", "density", "predicted"):
-        np.testing.assert_allclose(resumed[var].values, clean[var].values, rtol=1e-5, atol=1e-6,
-                                   err_msg=var)  # fmt: skip
+        np.testing.assert_allclose(
+            resumed[var].values, clean[var].values, rtol=1e-5, atol=1e-6, err_msg=var
+        )

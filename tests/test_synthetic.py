@@ -147,8 +147,15 @@ def test_population_is_not_a_function_of_land_cover(region):
 
 
 # ---- STAC ---------------------------------------------------------------------------------
-REQUIRED_PROPS = ("datetime", "platform", "proj:code", "proj:epsg", "proj:shape",
-                  "proj:transform", "proj:bbox")  # fmt: skip
+REQUIRED_PROPS = (
+    "datetime",
+    "platform",
+    "proj:code",
+    "proj:epsg",
+    "proj:shape",
+    "proj:transform",
+    "proj:bbox",
+)
 ASSETS = {
     "sentinel-2-l2a": {*S2_BANDS, "SCL"},
     "sentinel-1-rtc": {"vv", "vh"},
@@ -310,8 +317,11 @@ def test_processing_baseline_adds_1000_from_2022(region):
     assert s2_to_dn(np.array([0.05, -0.02, 0.0]), "03.01").tolist() == [500, 1, 1]
     assert s2_to_dn(np.array([0.05, -0.02, 0.0]), "04.00").tolist() == [1500, 800, 1000]
     dates = s2_by_date(region)
-    clear = {d[:4]: items for d, items in dates.items()
-             if max(i["properties"]["eo:cloud_cover"] for i in items) <= 15}  # fmt: skip
+    clear = {
+        d[:4]: items
+        for d, items in dates.items()
+        if max(i["properties"]["eo:cloud_cover"] for i in items) <= 15
+    }
     assert set(clear) == {"2021", "2022"}
     medians = {}
     for year, items in clear.items():
@@ -368,9 +378,12 @@ def test_same_seed_same_region_and_rewrite_matches_href_base(region, region_serv
                 assert (region_served.root / asset["href"][len(BASE) :]).is_file()
         # and back to local absolute paths
         back = rewrite_hrefs(
-            region_served.items[cid], None, tmp_path / "back.ndjson", old_base=BASE,
+            region_served.items[cid],
+            None,
+            tmp_path / "back.ndjson",
+            old_base=BASE,
             root=region.root,
-        )  # fmt: skip
+        )
         assert back.read_text() == path.read_text()
     first = read_items(region.items["sentinel-2-l2a"])[0]["assets"]["B02"]["href"]
     assert Path(first).is_absolute() and Path(first).is_file()
