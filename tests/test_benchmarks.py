@@ -1,0 +1,44 @@
+"""benchmarks/scale.py runs end to end on a small region, so that it cannot rot."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py"
+
+
+def test_scale_benchmark_smallest_region(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("scale", SCRIPT)
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    out = tmp_path / "results.json"
+    scale.main(
+        [
+            "--sizes",
+            "4",
+            "--reps",
+            "1",
+            "--clusters",
+            "20",
+            "--out",
+            str(out),
+            "--workdir",
+            str(tmp_path / "work"),
+        ]
+    )
+    doc = json.loads(out.read_text())
+    (r,) = doc["results"]
+    assert r["pixels"] == 200 * 200 and r["tiles"] == 1
+    assert all(r["timings_s"][k] > 0 for k in ("composite", "fit", "label_predict"))
+    assert len(r["peak_rss_mb"]) == 3 and all(v > 50 for v in r["peak_rss_mb"].values())
+    assert r["max_graph_tasks"] > 0 and r["cog_bytes"] > 0 and r["raw_read_s"] > 0
+    assert set(r["numpy_s"]) == {"composite_median", "label", "fractions_predict"}
+    assert set(r["prototype_s"]) == {"fit", "label_predict"}
+    assert doc["projection"]["core_hours"] > 0
+    assert "composite" in capsys.readouterr().out
