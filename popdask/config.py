@@ -6,6 +6,7 @@ contract of DESIGN.md ("Run configuration")::
     region: {bbox: [4321000, 3210000, 4341000, 3230000]}
     grid: {resolution: 20, cell: 1000, tile: 10000}
     stac: {url: https://planetarycomputer.microsoft.com/api/stac/v1, sign: planetary_computer}
+    # or stac: {preset: planetary-computer} / {preset: earth-search} (see popdask.presets)
     sources:
       sentinel2: {collection: sentinel-2-l2a, datetime: 2019-06-01/2022-10-31, ...}
     census: {path: grid_1km.gpkg, column: TOT_P_2021}
@@ -20,6 +21,7 @@ Relative file paths are taken relative to the YAML file's folder.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from popdask.grid import Grid
+from popdask.presets import PresetError, expand_presets
 
 
 class ConfigError(ValueError):
@@ -84,13 +87,23 @@ class ReadConfig(_Model):
 
 
 class SourceConfig(_Model):
-    """One STAC source. ``url``/``sign`` default to the ``stac`` section's."""
+    """One STAC source. ``url``/``sign`` default to the ``stac`` section's.
+
+    ``assets`` are the catalog's asset keys; ``rename`` maps an asset key to the band name the
+    composite uses (canonical ``B02`` … for Sentinel-2, see :mod:`popdask.presets`).
+    ``subdataset`` reads each asset as a GDAL subdataset (``HDF5://path/in/file`` or a path
+    with an ``{href}`` placeholder). ``preset`` records the catalog preset this source came
+    from (already expanded when the model is built by :func:`config_from_dict`).
+    """
 
     collection: str
     datetime: str
     assets: list[str] = Field(min_length=1)
     url: str | None = None
     sign: Literal["planetary_computer"] | None = None
+    preset: str | None = None
+    rename: dict[str, str] = {}
+    subdataset: str | None = None
     months: list[int] | None = None
     max_cloud_cover: float | None = Field(None, ge=0, le=100)
     mask_asset: str | None = None
@@ -115,6 +128,29 @@ class SourceConfig(_Model):
                 f"datetime {v!r} must be an RFC 3339 date or interval like 2021-06-01/2021-10-31"
             )
         return v
+
+    @field_validator("subdataset")
+    @classmethod
+    def _subdataset(cls, v: str | None) -> str | None:
+        if v is not None and "{href}" not in v and not re.match(r"^[A-Za-z0-9_]+:.", v):
+            raise ValueError(
+                f"subdataset {v!r} must look like DRIVER:PATH (HDF5://HDFEOS/GRIDS/...) or "
+                'contain {href} (HDF4_EOS:EOS_GRID:"{href}":grid:field)'
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _unique_bands(self) -> SourceConfig:
+        names = self.bands
+        dup = sorted({b for b in names if names.count(b) > 1})
+        if dup:
+            raise ValueError(f"band names {dup} occur twice (check assets and rename)")
+        return self
+
+    @property
+    def bands(self) -> list[str]:
+        """Band names in the composite: each asset key after ``rename``."""
+        return [self.rename.get(a, a) for a in self.assets]
 
 
 class SourcesConfig(_Model):
@@ -248,7 +284,8 @@ def config_from_dict(
     Parameters
     ----------
     data
-        The parsed YAML mapping.
+        The parsed YAML mapping. Catalog presets (``stac.preset``, ``sources.NAME.preset``)
+        are expanded after the overrides and before validation (:mod:`popdask.presets`).
     overrides
         ``"section.key=value"`` strings; values are parsed as YAML (``model.clusters=50``).
     base_dir
@@ -267,6 +304,10 @@ def config_from_dict(
             raise ConfigError(f"override {item!r} must look like section.key=value")
         key, _, raw = item.partition("=")
         _set_path(data, key.strip(), yaml.safe_load(raw))
+    try:
+        data = expand_presets(data)
+    except PresetError as e:
+        raise ConfigError(f"{name}: {e}") from None
     if base_dir is not None:
         for section in ("census", "output"):
             sec = data.get(section)
@@ -284,6 +325,11 @@ def config_from_dict(
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key (check its spelling against DESIGN.md's run configuration)"
+            elif err["type"] == "missing" and loc.endswith(".datetime"):
+                msg = (
+                    "required: the dates to composite, e.g. datetime: 2021-06-01/2021-10-31 "
+                    "(a preset gives the catalog, never the dates)"
+                )
             lines.append(f"{name}: {loc}: {msg}")
         raise ConfigError("\n".join(lines)) from None
     except ValueError as e:

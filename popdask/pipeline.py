@@ -465,9 +465,9 @@ def _reports(path: str, so, metrics: dict, report_dir, cfg: Config) -> None:
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    rgb = [b for b in ("B04", "B03", "B02") if b in cfg.sources.sentinel2.assets]
+    rgb = [b for b in ("B04", "B03", "B02") if b in cfg.sources.sentinel2.bands]
     if len(rgb) < 3:
-        rgb = cfg.sources.sentinel2.assets[:3][::-1]
+        rgb = cfg.sources.sentinel2.bands[:3][::-1]
     try:
         quicklook(store.open_store(path, so), report_dir / "quicklook.png", rgb=tuple(rgb))
     except ValueError as e:  # e.g. fewer than three optical bands

@@ -28,7 +28,7 @@ from rasterio.enums import Resampling
 from popdask import composite as comp
 from popdask.config import Config, SourceConfig
 from popdask.grid import EPSG, Grid
-from popdask.reader import ClosingReader
+from popdask.reader import ClosingReader, reader_for
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ class SourceItems:
 
     @property
     def bands(self) -> list[str]:
-        """Composite band names this source contributes (its assets minus the mask)."""
-        return list(self.config.assets)
+        """Composite band names this source contributes (its assets after ``rename``)."""
+        return self.config.bands
 
     def for_bounds(self, bounds: Sequence[float]) -> list[pystac.Item]:
         """Items whose footprint intersects ``bounds`` (EPSG:3035)."""
@@ -250,28 +250,67 @@ def region_lonlat(grid: Grid) -> tuple[float, float, float, float]:
 # --------------------------------------------------------------------------------------
 # Per-item radiometry (pure metadata)
 # --------------------------------------------------------------------------------------
+#: Item properties saying the BOA offset was already removed from the DNs (Earth Search v1;
+#: ``sentinel:`` is the name its earlier items used).
+BOA_OFFSET_APPLIED = ("earthsearch:boa_offset_applied", "sentinel:boa_offset_applied")
+
+
 def _baseline(item: pystac.Item) -> float | None:
-    raw = item.properties.get("s2:processing_baseline")
+    props = item.properties
+    raw = props.get("s2:processing_baseline", props.get("sentinel:processing_baseline"))
     try:
         return float(raw) if raw is not None else None
     except (TypeError, ValueError):
         return None
 
 
+def boa_offset_applied(item: pystac.Item) -> bool:
+    """Whether the item's DNs were already harmonised (BOA_ADD_OFFSET subtracted)."""
+    return any(item.properties.get(k) is True for k in BOA_OFFSET_APPLIED)
+
+
 def scale_offset(
     items: Sequence[pystac.Item], assets: Sequence[str], *, name: str, scale: float | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per item and asset ``(scale, offset)`` turning raw values into physical units.
+    """Per item and asset ``(scale, offset)``: physical value = DN × scale + offset.
 
-    ``raster:bands`` scale/offset win when the asset carries them (Earth Search);
-    otherwise ``scale`` (config, or the source's default) applies, and Sentinel-2 items of
-    processing baseline ≥ 04.00 get the −1000 DN offset (Planetary Computer).
+    Applied by popdask once (stackstac runs with ``rescale=False``).
+
+    - ``raster:bands`` scale/offset win when the asset carries them (Earth Search: scale
+      0.0001, offset −0.1 from processing baseline 04.00 on, 0 before);
+    - otherwise ``scale`` (config, or the source's default, 0.0001 for Sentinel-2) applies,
+      and Sentinel-2 items of processing baseline ≥ 04.00 (``s2:processing_baseline``) get the
+      −1000 DN offset (the Planetary Computer, whose items carry no ``raster:bands``);
+    - a Sentinel-2 item flagged ``earthsearch:boa_offset_applied: true`` holds DNs from which
+      Element 84 already subtracted the 1000 (harmonised with the older baselines), while
+      its ``raster:bands`` still say −0.1: its offset is 0.
+
+    So the same surface gives the same reflectance from both catalogs on both sides of the
+    January 2022 baseline change. (Element 84 has items whose flag is wrong — see
+    Element84/earth-search#66 and #71; metadata cannot tell those apart.)
+
+    Parameters
+    ----------
+    items
+        The items, in stack order.
+    assets
+        Asset keys, in stack band order.
+    name
+        Source role (``sentinel2`` gets the baseline handling).
+    scale
+        Scale for assets without ``raster:bands`` (None: the source's default).
+
+    Returns
+    -------
+    scale, offset
+        ``(n_items, n_assets)`` float64 arrays.
     """
     default = DEFAULT_SCALE[name] if scale is None else scale
     s = np.full((len(items), len(assets)), default, dtype=np.float64)
     o = np.zeros_like(s)
     for i, it in enumerate(items):
         base = _baseline(it)
+        harmonised = name == "sentinel2" and boa_offset_applied(it)
         for j, key in enumerate(assets):
             rb = (it.assets[key].extra_fields.get("raster:bands") or [{}])[0]
             if "scale" in rb or "offset" in rb:
@@ -279,6 +318,8 @@ def scale_offset(
                 o[i, j] = rb.get("offset", 0.0)
             elif name == "sentinel2" and base is not None and base >= 4.0:
                 o[i, j] = S2_BOA_ADD_OFFSET * s[i, j]
+            if harmonised:
+                o[i, j] = 0.0
     return s, o
 
 
@@ -292,6 +333,81 @@ def day_groups(items: Sequence[pystac.Item]) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 # Loading one tile
 # --------------------------------------------------------------------------------------
+def gdal_path(href: str) -> str:
+    """A path GDAL opens inside a subdataset string (remote hrefs get their /vsi prefix)."""
+    if href.startswith(("http://", "https://")):
+        return f"/vsicurl/{href}"
+    if href.startswith("s3://"):
+        return f"/vsis3/{href[5:]}"
+    if href.startswith("gs://"):
+        return f"/vsigs/{href[5:]}"
+    if href.startswith("file://"):
+        return href[7:]
+    return href
+
+
+def subdataset_href(href: str, subdataset: str) -> str:
+    """The GDAL subdataset path of ``subdataset`` inside the file at ``href``.
+
+    ``DRIVER:PATH`` gives ``DRIVER:"<file>":PATH`` (HDF5, netCDF); a string holding
+    ``{href}`` has it replaced by the file's GDAL path (any other layout).
+
+    Examples
+    --------
+    >>> subdataset_href("https://h/VNP46A2.h5", "HDF5://HDFEOS/GRIDS/G/Data_Fields/NTL")
+    'HDF5:"/vsicurl/https://h/VNP46A2.h5"://HDFEOS/GRIDS/G/Data_Fields/NTL'
+    >>> subdataset_href("/data/v.nc", "NETCDF:avg_rad")
+    'NETCDF:"/data/v.nc":avg_rad'
+    """
+    path = gdal_path(href)
+    if "{href}" in subdataset:
+        return subdataset.replace("{href}", path)
+    driver, sep, rest = subdataset.partition(":")
+    if not sep or not driver or not rest:
+        raise ValueError(f"subdataset {subdataset!r} must look like DRIVER:PATH or hold {{href}}")
+    return f'{driver}:"{path}":{rest}'
+
+
+def _epsg(code: object) -> int | None:
+    if isinstance(code, str) and code.upper().startswith("EPSG:"):
+        try:
+            return int(code[5:])
+        except ValueError:
+            return None
+    return None
+
+
+def plain_items(
+    items: Sequence[pystac.Item], assets: Sequence[str], *, subdataset: str | None = None
+) -> list[dict]:
+    """Items as the plain dicts stackstac reads, made ready for it.
+
+    - ``proj:epsg`` is put back from ``proj:code`` (pystac keeps only the latter, and
+      stackstac reads only the former: without it an asset's footprint falls back to the
+      item's lon/lat bbox, a seam risk across UTM zones);
+    - with ``subdataset``, the ``assets`` hrefs point into the file (other hrefs are kept as
+      the catalog gives them: pystac would resolve an absolute local path against an API's
+      self link).
+
+    The items themselves are not changed.
+    """
+    out = []
+    for it in items:
+        d = it.to_dict(include_self_link=False, transform_hrefs=False)
+        # to_dict shares the item's property dicts: copy what is changed.
+        props = d["properties"] = dict(d["properties"])
+        if "proj:epsg" not in props and _epsg(props.get("proj:code")) is not None:
+            props["proj:epsg"] = _epsg(props["proj:code"])
+        d["assets"] = {key: dict(asset) for key, asset in d["assets"].items()}
+        for key, asset in d["assets"].items():
+            if "proj:epsg" not in asset and _epsg(asset.get("proj:code")) is not None:
+                asset["proj:epsg"] = _epsg(asset["proj:code"])
+            if subdataset and key in assets:
+                asset["href"] = subdataset_href(asset["href"], subdataset)
+        out.append(d)
+    return out
+
+
 def load_stack(
     items: Sequence[pystac.Item],
     assets: Sequence[str],
@@ -299,18 +415,23 @@ def load_stack(
     bounds: Sequence[float],
     resolution: float,
     resampling: str = "nearest",
+    reader: type = ClosingReader,
+    subdataset: str | None = None,
 ) -> xr.DataArray:
     """Lazy ``(time, band, y, x)`` float32 stack of ``items`` on the grid window ``bounds``.
 
     The whole time and band axes sit in one chunk per tile, ready for the median.
-    No pixels are read until compute.
+    No pixels are read until compute; ``reader`` (see :func:`popdask.reader.reader_for`)
+    signs hrefs then, inside the task. ``subdataset`` reads the ``assets`` as GDAL
+    subdatasets (:func:`subdataset_href`). Items in any CRS (e.g. several UTM zones) are
+    warped onto the EPSG:3035 grid.
     """
     import stackstac
 
     nx = round((bounds[2] - bounds[0]) / resolution)
     ny = round((bounds[3] - bounds[1]) / resolution)
     return stackstac.stack(
-        list(items),
+        plain_items(items, assets, subdataset=subdataset),
         assets=list(assets),
         epsg=EPSG,
         resolution=resolution,
@@ -326,7 +447,7 @@ def load_stack(
         properties=False,
         band_coords=False,
         gdal_env=_gdal_env(),
-        reader=ClosingReader,
+        reader=reader,
     )
 
 
@@ -336,19 +457,12 @@ def _gdal_env():
     return DEFAULT_GDAL_ENV.updated(always=GDAL_ENV)
 
 
-def _sign(items: Sequence[pystac.Item], how: str | None) -> list[pystac.Item]:
-    if how is None:
-        return list(items)
-    if how == "planetary_computer":
-        try:
-            import planetary_computer
-        except ImportError as e:
-            raise SourceError(
-                "sign: planetary_computer needs the planetary-computer package: "
-                "pip install planetary-computer"
-            ) from e
-        return [planetary_computer.sign(it) for it in items]
-    raise SourceError(f"unknown signing method {how!r}")
+def _reader(how: str | None, name: str) -> type[ClosingReader]:
+    """The reader class signing ``name``'s hrefs at read time (checked here, on the client)."""
+    try:
+        return reader_for(how)
+    except ValueError as e:
+        raise SourceError(f"sources.{name}: {e}") from None
 
 
 def tile_composite(
@@ -359,6 +473,9 @@ def tile_composite(
     sign: str | None = None,
 ) -> tuple[da.Array, list[str], list[str], dict[str, int]]:
     """Lazy composite of one tile from all sources.
+
+    Hrefs are not signed here: with ``sign`` (or a source's own ``sign``) the reader signs
+    each href inside its read task, so tokens never expire between graph and read.
 
     Returns
     -------
@@ -377,18 +494,25 @@ def tile_composite(
         items = src.for_bounds(bounds)
         n_items[src.name] = len(items)
         names = src.bands
+        keys = list(cfg.assets)
         bands += names
         kinds += [src.role] * len(names)
         if not items:
             parts.append(da.full((len(names), ny, nx), np.nan, dtype=np.float32, chunks=-1))
             continue
-        items = _sign(items, cfg.sign or sign)
-        assets = [*names, *([cfg.mask_asset] if cfg.mask_asset and src.name == "sentinel2" else [])]
+        reader = _reader(cfg.sign or sign, src.name)
+        assets = [*keys, *([cfg.mask_asset] if cfg.mask_asset and src.name == "sentinel2" else [])]
         resampling = (
             cfg.resampling if "resampling" in cfg.model_fields_set else DEFAULT_RESAMPLING[src.name]
         )
         stack = load_stack(
-            items, assets, bounds=bounds, resolution=resolution, resampling=resampling
+            items,
+            assets,
+            bounds=bounds,
+            resolution=resolution,
+            resampling=resampling,
+            reader=reader,
+            subdataset=cfg.subdataset,
         )
         groups = day_groups(items)
         if src.name == "sentinel2":
