@@ -118,9 +118,32 @@ def _run_tiles(
     return done
 
 
-def _todo(path: str, grid: Grid, code: int, storage_options) -> list[Tile]:
-    status = store.tile_status(path, storage_options)
-    return [t for t in grid.tiles() if status[t.row, t.col] < code]
+def _tile_pass(
+    client: Client,
+    cfg: Config,
+    grid: Grid,
+    build: Callable[[Tile], Any],
+    *,
+    done_code: int,
+    desc: str,
+    progress: bool,
+) -> list[str]:
+    """Run ``build`` on every tile whose status is below ``done_code`` (the resume)."""
+    path, so = cfg.output.store, cfg.output.storage_options
+    status = store.tile_status(path, so)
+    todo = [t for t in grid.tiles() if status[t.row, t.col] < done_code]
+    log.info("%s: %d of %d tiles to do", desc, len(todo), status.size)
+    return _run_tiles(
+        client,
+        todo,
+        build,
+        path=path,
+        storage_options=so,
+        done_code=done_code,
+        batch=cfg.cluster.batch_tiles,
+        desc=desc,
+        progress=progress,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -137,18 +160,8 @@ def composite_pass(
         )
         return store.write_tile(path, t, {"composite": (("band", "y", "x"), data)}, so)
 
-    todo = _todo(path, grid, store.COMPOSITED, so)
-    log.info("composite: %d of %d tiles to do", len(todo), len(grid.tiles()))
-    return _run_tiles(
-        client,
-        todo,
-        build,
-        path=path,
-        storage_options=so,
-        done_code=store.COMPOSITED,
-        batch=cfg.cluster.batch_tiles,
-        desc="composite",
-        progress=progress,
+    return _tile_pass(
+        client, cfg, grid, build, done_code=store.COMPOSITED, desc="composite", progress=progress
     )
 
 
@@ -198,17 +211,8 @@ def label_pass(client: Client, cfg: Config, grid: Grid, model: PixelModel, *, pr
         )
         return store.write_tile(path, t, {"cluster": (("y", "x"), labels)}, so)
 
-    todo = _todo(path, grid, store.LABELLED, so)
-    return _run_tiles(
-        client,
-        todo,
-        build,
-        path=path,
-        storage_options=so,
-        done_code=store.LABELLED,
-        batch=cfg.cluster.batch_tiles,
-        desc="label",
-        progress=progress,
+    return _tile_pass(
+        client, cfg, grid, build, done_code=store.LABELLED, desc="label", progress=progress
     )
 
 
@@ -297,17 +301,8 @@ def predict_pass(
             so,
         )
 
-    todo = _todo(path, grid, store.COMPLETE, so)
-    return _run_tiles(
-        client,
-        todo,
-        build,
-        path=path,
-        storage_options=so,
-        done_code=store.COMPLETE,
-        batch=cfg.cluster.batch_tiles,
-        desc="predict",
-        progress=progress,
+    return _tile_pass(
+        client, cfg, grid, build, done_code=store.COMPLETE, desc="predict", progress=progress
     )
 
 

@@ -30,15 +30,20 @@ census: {{path: "{census}", column: TOT_P_2021}}
 model: {{components: 8, clusters: 20, sample_pixels: 40000, seed: 0}}
 regression: {{rescale: true, smooth_sigma: 3}}
 output: {{path: out.zarr{output_extra}}}
-cluster: {{kind: address, address: "{address}"}}
+cluster: {cluster}
 """
 
 
-def write_config(directory, *, url, census, address, output_extra="") -> object:
-    """Write the hand-written run configuration above into ``directory``; return its path."""
+def write_config(directory, *, url, census, address=None, cluster=None, output_extra=""):
+    """Write the hand-written run configuration above into ``directory``; return its path.
+
+    ``cluster`` is the YAML of the cluster section; by default the scheduler at ``address``.
+    """
+    if cluster is None:
+        cluster = f'{{kind: address, address: "{address}"}}'
     path = directory / "my.yaml"
     path.write_text(
-        CONFIG.format(url=url, census=census, address=address, output_extra=output_extra)
+        CONFIG.format(url=url, census=census, cluster=cluster, output_extra=output_extra)
     )
     return path
 

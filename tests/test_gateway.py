@@ -27,6 +27,7 @@ import numpy as np
 import psutil
 import pytest
 import xarray as xr
+from conftest import write_config
 
 from popdask import cli
 from popdask.cluster import ClusterError, close_gateway, get_client
@@ -66,32 +67,6 @@ c.Backend.cluster_options = Options(
     Float("worker_memory", default=2, min=1, max=2, label="GiB"),
     handler=_options,
 )
-"""
-
-# tests/test_pipeline.py's configuration, with the cluster section left to each run
-RUN_CONFIG = """\
-region: {{bbox: [4321000, 3210000, 4327000, 3216000]}}
-grid: {{resolution: 20, cell: 1000, tile: 3000}}
-stac: {{url: "{url}"}}
-sources:
-  sentinel2:
-    collection: sentinel-2-l2a
-    datetime: 2021-06-01/2022-10-31
-    months: [6, 7, 8, 9, 10]
-    assets: [B01, B02, B03, B04, B05, B06, B07, B08, B8A, B11, B12]
-    mask_asset: SCL
-    max_cloud_cover: 80
-  sentinel1: {{collection: sentinel-1-rtc, datetime: 2021-01-01/2021-12-31, assets: [vv, vh]}}
-  nightlights:
-    url: "{url}"
-    collection: viirs-nightlights
-    datetime: 2021-01-01/2021-12-31
-    assets: [avg_rad]
-census: {{path: "{census}", column: TOT_P_2021}}
-model: {{components: 8, clusters: 20, sample_pixels: 40000, seed: 0}}
-regression: {{rescale: true, smooth_sigma: 3}}
-output: {{path: out.zarr}}
-cluster: {cluster}
 """
 
 
@@ -256,8 +231,7 @@ class _Keep(logging.Handler):
 
 def _run_cli(d: Path, cluster: str, url: str, census: Path) -> Run:
     """``popdask run`` on the test configuration; capture output and every log record."""
-    yaml = d / "my.yaml"
-    yaml.write_text(RUN_CONFIG.format(url=url, census=census, cluster=cluster))
+    yaml = write_config(d, url=url, census=census, cluster=cluster)
     keep, root = _Keep(), logging.getLogger()
     level = root.level
     root.addHandler(keep)
