@@ -108,8 +108,10 @@ def _run_tiles(
                 fut.release()
                 bar.update()
     bar.close()
+    key = f"failed_{desc}"  # what failed; {} again once a rerun has recovered every tile
+    if failed or store.open_group(path, storage_options, mode="r").attrs.get(key):
+        store.update_attrs(path, {key: failed}, storage_options)
     if failed:
-        store.update_attrs(path, {f"failed_{desc}": failed}, storage_options)
         raise PipelineError(
             f"{len(failed)} tile(s) failed in the {desc} pass ({sorted(failed)[:5]}...); "
             f"they are recorded in the store; rerun the same command to retry them. "
@@ -156,7 +158,7 @@ def composite_pass(
 
     def build(t: Tile):
         data, _, _, _ = tile_composite(
-            sources, t.bounds, resolution=grid.resolution, sign=cfg.stac.sign
+            sources, t.bounds, resolution=grid.resolution, sign=cfg.stac.sign, read=cfg.read
         )
         return store.write_tile(path, t, {"composite": (("band", "y", "x"), data)}, so)
 

@@ -28,6 +28,8 @@ import numpy as np
 from rasterio.windows import Window
 from stackstac.rio_reader import AutoParallelRioReader
 
+from popdask.gdal import forget
+
 log = logging.getLogger(__name__)
 
 RETRIES = 3
@@ -89,6 +91,7 @@ class ClosingReader(AutoParallelRioReader):
             try:
                 return super().read(window, **kwargs)
             except RuntimeError as e:
+                forget(self.url)  # GDAL caches failed opens per process: ask again
                 text = str(e)
                 cause = e.__cause__ or e
                 clean, clean_cause = self._clean(text), self._clean(str(cause))

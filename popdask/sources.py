@@ -26,7 +26,7 @@ from pyproj import Transformer
 from rasterio.enums import Resampling
 
 from popdask import composite as comp
-from popdask.config import Config, SourceConfig
+from popdask.config import Config, ReadConfig, SourceConfig
 from popdask.grid import EPSG, Grid
 from popdask.reader import ClosingReader, reader_for
 
@@ -36,17 +36,6 @@ ROLES = {"sentinel2": comp.REFLECTANCE, "sentinel1": comp.BACKSCATTER, "nightlig
 DEFAULT_SCALE = {"sentinel2": 1e-4, "sentinel1": 1.0, "nightlights": 1.0}
 DEFAULT_RESAMPLING = {"sentinel2": "nearest", "sentinel1": "nearest", "nightlights": "bilinear"}
 S2_BOA_ADD_OFFSET = -1000  # DN added by ESA from processing baseline 04.00 on
-
-# GDAL settings for COG reads, shipped to every worker inside each task by stackstac.
-GDAL_ENV = {
-    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
-    "GDAL_HTTP_MAX_RETRY": "5",
-    "GDAL_HTTP_RETRY_DELAY": "1",
-    "GDAL_HTTP_MULTIRANGE": "YES",
-    "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
-    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF,.h5,.nc",
-    "VSI_CACHE": "TRUE",
-}
 
 
 class SourceError(RuntimeError):
@@ -417,6 +406,7 @@ def load_stack(
     resampling: str = "nearest",
     reader: type = ClosingReader,
     subdataset: str | None = None,
+    read: ReadConfig | None = None,
 ) -> xr.DataArray:
     """Lazy ``(time, band, y, x)`` float32 stack of ``items`` on the grid window ``bounds``.
 
@@ -427,6 +417,8 @@ def load_stack(
     warped onto the EPSG:3035 grid.
     """
     import stackstac
+
+    from popdask.gdal import gdal_env
 
     nx = round((bounds[2] - bounds[0]) / resolution)
     ny = round((bounds[3] - bounds[1]) / resolution)
@@ -446,15 +438,9 @@ def load_stack(
         resampling=Resampling[resampling],
         properties=False,
         band_coords=False,
-        gdal_env=_gdal_env(),
+        gdal_env=gdal_env(read),
         reader=reader,
     )
-
-
-def _gdal_env():
-    from stackstac import DEFAULT_GDAL_ENV
-
-    return DEFAULT_GDAL_ENV.updated(always=GDAL_ENV)
 
 
 def _reader(how: str | None, name: str) -> type[ClosingReader]:
@@ -471,6 +457,7 @@ def tile_composite(
     *,
     resolution: float,
     sign: str | None = None,
+    read: ReadConfig | None = None,
 ) -> tuple[da.Array, list[str], list[str], dict[str, int]]:
     """Lazy composite of one tile from all sources.
 
@@ -513,6 +500,7 @@ def tile_composite(
             resampling=resampling,
             reader=reader,
             subdataset=cfg.subdataset,
+            read=read,
         )
         groups = day_groups(items)
         if src.name == "sentinel2":

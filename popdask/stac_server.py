@@ -56,6 +56,23 @@ def _stop_live_servers() -> None:
 atexit.register(_stop_live_servers)
 
 
+def stop_process(
+    proc: subprocess.Popen, *, sig: int = signal.SIGTERM, timeout: float = 5.0
+) -> None:
+    """Stop ``proc``: ``sig``, then SIGKILL if it has not exited after ``timeout`` s; reap it."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(sig)
+            proc.wait(timeout=timeout)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+    else:
+        proc.wait()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """Return a TCP port on ``host`` that is free right now.
 
@@ -385,15 +402,7 @@ class StacServer:
     def _cleanup(self) -> None:
         proc, self.process = self.process, None
         if proc is not None:
-            if proc.poll() is None:
-                try:
-                    proc.send_signal(signal.SIGTERM)
-                    proc.wait(timeout=self.stop_timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=self.stop_timeout)
-            else:
-                proc.wait()
+            stop_process(proc, timeout=self.stop_timeout)
         _LIVE.discard(self)
         if self._log is not None:
             self._log.close()

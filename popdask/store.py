@@ -56,6 +56,14 @@ def _zarr_kwargs(path: str, storage_options: Mapping[str, Any] | None) -> dict[s
     return {"storage_options": dict(storage_options)} if _is_url(path) and storage_options else {}
 
 
+def _zarr_store(path: str, storage_options: Mapping[str, Any] | None):
+    """What zarr functions without a ``storage_options`` argument take: the local path, or
+    an fsspec store built from the URL and its options."""
+    if not _is_url(path):
+        return str(path)
+    return zarr.storage.FsspecStore.from_url(str(path), storage_options=dict(storage_options or {}))
+
+
 def _quiet():
     w = warnings.catch_warnings()
     w.__enter__()
@@ -214,17 +222,27 @@ def create(
     }
     # one chunk per tile (atomic status updates); unwritten chunks read as 0 = missing
     ds["tile_status"] = ds["tile_status"].chunk({"tile_row": 1, "tile_col": 1})
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-        ds.to_zarr(
-            path,
-            mode="w-",
-            compute=False,
-            consolidated=False,
-            zarr_format=ZARR_FORMAT,
-            encoding=encoding,
-            storage_options=_so(path, storage_options),
-        )
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+            ds.to_zarr(
+                path,
+                mode="w-",
+                compute=False,
+                consolidated=False,
+                zarr_format=ZARR_FORMAT,
+                encoding=encoding,
+                storage_options=_so(path, storage_options),
+            )
+    except (FileNotFoundError, PermissionError) as e:
+        if not _is_url(path):
+            raise
+        # s3fs says only "The specified bucket does not exist" / "Access Denied"
+        raise StoreError(
+            f"cannot create the store at {path} ({type(e).__name__}: {e}); check that the "
+            "bucket exists, output.storage_options (e.g. endpoint_url) and the credentials "
+            "in the environment"
+        ) from e
     consolidate(path, storage_options)
     return True
 
@@ -314,7 +332,7 @@ def consolidate(path: str, storage_options=None) -> None:
     """Consolidate metadata once the run is finished (for fast opening)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-        zarr.consolidate_metadata(str(path), **_zarr_kwargs(path, storage_options))
+        zarr.consolidate_metadata(_zarr_store(path, storage_options))
 
 
 LATEST = "latest.json"
