@@ -108,18 +108,49 @@ def _read_gpkg(path: Path) -> pd.DataFrame:
         return pd.read_sql_query(f'SELECT {sel} FROM "{table}"', con)
 
 
-def read_census(path: str | Path, grid: Grid, *, column: str = "TOT_P_2021") -> xr.DataArray:
+def _fetch(url: str, storage_options: dict | None) -> Path:
+    """Copy a remote census file (``s3://``, ``https://``, any fsspec URL) to a temp file."""
+    import shutil
+    import tempfile
+
+    import fsspec
+
+    suffix = Path(url.split("?")[0]).suffix
+    tmp = tempfile.NamedTemporaryFile(prefix="popdask-census-", suffix=suffix, delete=False)
+    try:
+        with fsspec.open(url, "rb", **dict(storage_options or {})) as src, tmp:
+            shutil.copyfileobj(src, tmp)
+    except FileNotFoundError:
+        Path(tmp.name).unlink(missing_ok=True)
+        raise CensusError(
+            f"{url}: census file not found; set census.path to a GISCO grid file"
+        ) from None
+    except Exception as e:
+        Path(tmp.name).unlink(missing_ok=True)
+        raise CensusError(f"{url}: cannot fetch the census file ({type(e).__name__}: {e})") from e
+    return Path(tmp.name)
+
+
+def read_census(
+    path: str | Path,
+    grid: Grid,
+    *,
+    column: str = "TOT_P_2021",
+    storage_options: dict | None = None,
+) -> xr.DataArray:
     """Read a GISCO 1 km population grid onto the census cells of ``grid``.
 
     Parameters
     ----------
     path
         GeoPackage, CSV or Parquet file with ``GRD_ID`` (or ``X_LLC``/``Y_LLC``) and the
-        population ``column``.
+        population ``column``: a local path or an fsspec URL (``s3://…``, ``https://…``).
     grid
         The run's grid; its ``cell`` must match the file's resolution.
     column
         Population column, e.g. ``TOT_P_2021`` (2021 grid), ``TOT_P_2018`` or ``TOT_P``.
+    storage_options
+        fsspec options for a URL ``path`` (credentials stay in the environment).
 
     Returns
     -------
@@ -132,15 +163,25 @@ def read_census(path: str | Path, grid: Grid, *, column: str = "TOT_P_2021") -> 
         If the file is missing, lacks the column or cell ids, is in another CRS or
         resolution, or has no known cell in the region.
     """
-    path = Path(path)
+    if "://" in str(path):
+        local = _fetch(str(path), storage_options)
+        try:
+            return _read_local(local, grid, column, name=str(path))
+        finally:
+            local.unlink(missing_ok=True)
+    return _read_local(Path(path), grid, column, name=str(path))
+
+
+def _read_local(path: Path, grid: Grid, column: str, *, name: str) -> xr.DataArray:
     if not path.is_file():
-        raise CensusError(f"{path}: census file not found; set census.path to a GISCO grid file")
+        raise CensusError(f"{name}: census file not found; set census.path to a GISCO grid file")
     try:
         df = _read_table(path, column)
-    except CensusError:
-        raise
+    except CensusError as e:
+        raise CensusError(str(e).replace(str(path), name)) from None
     except Exception as e:  # unreadable file: say which and why
-        raise CensusError(f"{path}: cannot read the census table ({e})") from e
+        raise CensusError(f"{name}: cannot read the census table ({e})") from e
+    path = name  # what every message below calls the file
     columns = {c.upper(): c for c in df.columns}
     if column not in df.columns:
         raise CensusError(
@@ -186,5 +227,5 @@ def read_census(path: str | Path, grid: Grid, *, column: str = "TOT_P_2021") -> 
         dims=("y_cell", "x_cell"),
         coords=grid.cell_coords(),
         name="census",
-        attrs={"units": "persons", "source": path.name, "column": column},
+        attrs={"units": "persons", "source": Path(str(path).split("?")[0]).name, "column": column},
     )

@@ -169,8 +169,9 @@ class SourcesConfig(_Model):
 
 
 class CensusConfig(_Model):
-    path: str
+    path: str  # local path or fsspec URL
     column: str = "TOT_P_2021"
+    storage_options: dict[str, Any] = {}
 
 
 class ModelConfig(_Model):

@@ -402,7 +402,9 @@ def run(
     grid = cfg.make_grid()
     path, so = cfg.output.store, cfg.output.storage_options
     log.info("grid: %s, %d×%d px, %d tiles", grid.bounds, *grid.shape, len(grid.tiles()))
-    census = read_census(cfg.census.path, grid, column=cfg.census.column)
+    census = read_census(
+        cfg.census.path, grid, column=cfg.census.column, storage_options=cfg.census.storage_options
+    )
     sources = search_sources(cfg, region_lonlat(grid))
     bands = [b for s in sources for b in s.bands]
     kinds = [s.role for s in sources for _ in s.bands]

@@ -97,3 +97,15 @@ def test_errors_name_the_problem(tmp_path, grid, table):
     write_gpkg(gpkg, table, srs=4326)
     with pytest.raises(CensusError, match="EPSG:4326"):
         read_census(gpkg, grid)
+
+
+def test_read_census_from_a_url(tmp_path, grid, table):
+    """Any fsspec URL works (s3://, https://, ...); file:// goes through the same fetch."""
+    path = tmp_path / "grid.gpkg"
+    write_gpkg(path, table, srs=3035)
+    da = read_census(f"file://{path}", grid, storage_options={})
+    np.testing.assert_array_equal(da.values, expected())
+    with pytest.raises(CensusError, match=r"file://.*nope\.csv: census file not found"):
+        read_census(f"file://{tmp_path}/nope.csv", grid)
+    with pytest.raises(CensusError, match=r"^file://.*grid\.gpkg: no population column"):
+        read_census(f"file://{path}", grid, column="TOT_P_2018")
