@@ -74,6 +74,18 @@ COARSE_SIZES: tuple[float, ...] = (2000.0, 5000.0)
 # --------------------------------------------------------------------------------------------
 
 
+def _cell_arrays(fractions, census) -> tuple[np.ndarray, np.ndarray]:
+    """``(ny, nx, k)`` fractions and ``(ny, nx)`` census as float64, shapes checked."""
+    fr = np.asarray(fractions, dtype=np.float64)
+    cen = np.asarray(census, dtype=np.float64)
+    if fr.ndim != 3 or cen.shape != fr.shape[:2]:
+        raise ValueError(
+            f"fractions must be (ny, nx, n_clusters) and census (ny, nx); got {fr.shape} "
+            f"and {cen.shape}"
+        )
+    return fr, cen
+
+
 def density_class(counts, cell_km2: float = 1.0) -> np.ndarray:
     """Density class id (index into `CLASSES`) of each census cell.
 
@@ -276,13 +288,7 @@ def aggregate(fractions, census, factor: int) -> Coarse:
     f = int(factor)
     if f < 1:
         raise ValueError(f"factor must be >= 1, got {factor}")
-    fr = np.asarray(fractions, dtype=np.float64)
-    cen = np.asarray(census, dtype=np.float64)
-    if fr.ndim != 3 or cen.shape != fr.shape[:2]:
-        raise ValueError(
-            f"fractions must be (ny, nx, n_clusters) and census (ny, nx); got {fr.shape} "
-            f"and {cen.shape}"
-        )
+    fr, cen = _cell_arrays(fractions, census)
     ny, nx, k = fr.shape
     by, bx = -(-ny // f), -(-nx // f)
     pad = ((0, by * f - ny), (0, bx * f - nx))
@@ -537,13 +543,7 @@ def evaluate_cells(
         The JSON-able report and the ``(ny, nx)`` maps: ``census`` (usable cells),
         ``in_sample``, ``cv`` predictions, and ``densities`` (n_clusters,).
     """
-    fr = np.asarray(fractions, dtype=np.float64)
-    cen = np.asarray(census, dtype=np.float64)
-    if fr.ndim != 3 or cen.shape != fr.shape[:2]:
-        raise ValueError(
-            f"fractions must be (ny, nx, n_clusters) and census (ny, nx); got {fr.shape} "
-            f"and {cen.shape}"
-        )
+    fr, cen = _cell_arrays(fractions, census)
     ny, nx, k = fr.shape
     usable = _usable(fr, cen, min_valid)
     y = np.where(usable, cen, np.nan)
