@@ -57,7 +57,7 @@ def test_cv_folds_never_share_a_group_and_never_leak():
     groups = ev.block_groups(census.shape, 5).ravel()
     x, y = fr.reshape(-1, 4), census.ravel().copy()
     y[[3, 77]] = np.nan  # unknown cells are never in a fold
-    res = ev.fit_cells(x, y, groups, n_splits=5)
+    res = ev.fit_cells(x, y, groups, n_splits=5, fit_options={"loss": "poisson"})
     fold = res["fold"]
     assert (fold[[3, 77]] == -1).all() and np.isnan(res["cv"][[3, 77]]).all()
     for g in np.unique(groups):
@@ -68,7 +68,7 @@ def test_cv_folds_never_share_a_group_and_never_leak():
     y2 = y.copy()
     test0 = fold == 0
     y2[test0] *= 25.0
-    res2 = ev.fit_cells(x, y2, groups, n_splits=5)
+    res2 = ev.fit_cells(x, y2, groups, n_splits=5, fit_options={"loss": "poisson"})
     np.testing.assert_array_equal(res2["fold"], fold)
     np.testing.assert_allclose(res2["cv"][test0], res["cv"][test0], rtol=1e-9)
     assert not np.allclose(res2["in_sample"][test0], res["in_sample"][test0], rtol=1e-3)
