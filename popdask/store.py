@@ -38,8 +38,6 @@ STATUS_NAMES = {
     COMPLETE: "complete",
     FAILED: "failed",
 }
-PIXEL_VARS = ("population", "density", "cluster")
-CELL_VARS = ("census", "predicted")
 # Zarr v2: GDAL (3.10, as in the rasterio wheels) reads it; its v3 reader lacks the codecs.
 ZARR_FORMAT = 2
 
@@ -62,13 +60,6 @@ def _zarr_store(path: str, storage_options: Mapping[str, Any] | None):
     if not _is_url(path):
         return str(path)
     return zarr.storage.FsspecStore.from_url(str(path), storage_options=dict(storage_options or {}))
-
-
-def _quiet():
-    w = warnings.catch_warnings()
-    w.__enter__()
-    warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-    return w
 
 
 def open_group(path: str, storage_options=None, mode: str = "r+") -> zarr.Group:
