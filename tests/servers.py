@@ -185,6 +185,19 @@ class _Server:
             return ""
         return self.log_path.read_text(errors="replace")[-n:].strip()
 
+    def _serving(self, url: str, *, retry: bool) -> bool:
+        """Wait until ``url`` answers. False when the process lost a port race and may be
+        started again on another port (``retry``); any other failure raises."""
+        try:
+            wait_for_http(url, self.startup_timeout, alive=self.process)
+        except ChildProcessError:
+            if retry and "address already in use" in self.log_tail().lower():
+                return False
+            raise self._failed("exited during start-up") from None
+        except TimeoutError as e:
+            raise self._failed(str(e)) from None
+        return True
+
     def _failed(self, what: str) -> RuntimeError:
         return RuntimeError(f"{self.name}: {what}. Its output:\n{self.log_tail()}")
 
@@ -436,14 +449,8 @@ class PgstacApi(_Server):
             opts = ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
             quiet = ["--log-level", "warning", "--no-access-log"]
             self._spawn([sys.executable, "-m", "uvicorn", *app, *opts, *quiet], cwd=work, env=env)
-            try:
-                wait_for_http(f"http://127.0.0.1:{port}/", self.startup_timeout, alive=self.process)
-            except ChildProcessError:
-                if "address already in use" in self.log_tail().lower() and attempt < 2:
-                    continue
-                raise self._failed("exited during start-up") from None
-            except TimeoutError as e:
-                raise self._failed(str(e)) from None
+            if not self._serving(f"http://127.0.0.1:{port}/", retry=attempt < 2):
+                continue
             self.url = f"http://127.0.0.1:{port}"
             return
 
@@ -660,18 +667,8 @@ class MotoServer(_Server):
         for attempt in range(3):
             port = free_port()
             self._spawn([exe, "-H", "127.0.0.1", "-p", str(port)], cwd=work)
-            try:
-                wait_for_http(
-                    f"http://127.0.0.1:{port}/moto-api/data.json",
-                    self.startup_timeout,
-                    alive=self.process,
-                )
-            except ChildProcessError:
-                if "address already in use" in self.log_tail().lower() and attempt < 2:
-                    continue
-                raise self._failed("exited during start-up") from None
-            except TimeoutError as e:
-                raise self._failed(str(e)) from None
+            if not self._serving(f"http://127.0.0.1:{port}/moto-api/data.json", retry=attempt < 2):
+                continue
             self.endpoint = f"http://127.0.0.1:{port}"
             return
 
