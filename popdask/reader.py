@@ -14,6 +14,15 @@ keyword arguments and pickles them with a fixed state, so the signing mode is th
 class: :class:`SigningReader` subclasses, one per signer (:func:`reader_for`). The signed
 href lives only for the open: messages, exceptions and the log records of stackstac and
 rasterio never carry its query string (:func:`redact`).
+
+Nearest-neighbour reads onto another grid (Sentinel-2 and Sentinel-1 granules in UTM warped
+to EPSG:3035) skip GDAL's per-asset warp: GDAL warps, once per source geometry and output
+window, a raster holding each source pixel's index, through the very ``WarpedVRT`` stackstac
+would build (same grid, blocks and transformer, so the same source pixel for every output
+pixel), and each asset of that geometry — the 13 bands of a granule — is then read raw and
+gathered with that index map (:class:`NearestGather`). Measured on one 10 km tile of the demo
+(252 Sentinel-2 assets, ``benchmarks/composite_profile.py``): open + read 5.3 s through
+stackstac's masked warped read, 1.8 s gathered; values identical.
 """
 
 from __future__ import annotations
@@ -21,12 +30,30 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
+import threading
 import time
+import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
+import rasterio
+from rasterio.enums import MaskFlags, Resampling
+from rasterio.vrt import WarpedVRT
+from rasterio.warp import transform_bounds
 from rasterio.windows import Window
-from stackstac.rio_reader import AutoParallelRioReader
+from rasterio.windows import bounds as window_bounds
+from rasterio.windows import from_bounds as window_from_bounds
+from stackstac.rio_reader import (
+    MULTITHREADED_DRIVER_ALLOWLIST,
+    AutoParallelRioReader,
+    NodataReader,
+    SelfCleaningDatasetReader,
+    SingleThreadedRioDataset,
+    ThreadLocalRioDataset,
+    exception_matches,
+    nodata_for_window,
+)
 
 from popdask.gdal import forget
 
@@ -80,16 +107,210 @@ for _name in (
         _logger.addFilter(_FILTER)
 
 
+# --------------------------------------------------------------------------------------
+# Nearest-neighbour warps as index maps, shared by the assets of one source geometry
+# --------------------------------------------------------------------------------------
+#: Index maps kept per process (each at most one output window of int32: 1 MB for 500²).
+INDEX_CACHE_SIZE = 64
+#: Source pixels added around the source window computed from the output window's bounds.
+SOURCE_MARGIN_PX = 4
+
+_index_cache: OrderedDict[tuple, tuple[Window | None, np.ndarray | None]] = OrderedDict()
+_index_lock = threading.Lock()
+
+
+def _source_window(ds, spec, window: Window) -> Window | None:
+    """The window of ``ds`` holding every source pixel the output ``window`` can map to."""
+    left, bottom, right, top = window_bounds(window, spec.transform)
+    sb = transform_bounds(f"EPSG:{spec.epsg}", ds.crs, left, bottom, right, top, densify_pts=21)
+    w = window_from_bounds(*sb, transform=ds.transform)
+    col0 = max(int(np.floor(w.col_off)) - SOURCE_MARGIN_PX, 0)
+    row0 = max(int(np.floor(w.row_off)) - SOURCE_MARGIN_PX, 0)
+    col1 = min(int(np.ceil(w.col_off + w.width)) + SOURCE_MARGIN_PX, ds.width)
+    row1 = min(int(np.ceil(w.row_off + w.height)) + SOURCE_MARGIN_PX, ds.height)
+    if col1 <= col0 or row1 <= row0:
+        return None
+    return Window(col0, row0, col1 - col0, row1 - row0)
+
+
+def nearest_index_map(ds, spec, window: Window) -> tuple[Window | None, np.ndarray | None]:
+    """Which source pixel GDAL's nearest warp puts in each pixel of the output ``window``.
+
+    GDAL warps an int32 raster of source pixel numbers (1-based; 0 = no source) over the
+    source window through a ``WarpedVRT`` with stackstac's parameters (the output grid
+    ``spec``, so the same blocks and approximate transformer as stackstac's own read).
+
+    Returns
+    -------
+    src_window, index
+        The source window to read, and ``(window.height, window.width)`` int32 flat indices
+        into it (−1: no source pixel); ``(None, None)`` when nothing of ``ds`` falls in
+        ``window``.
+    """
+    key = (
+        ds.crs.to_wkt(),
+        tuple(ds.transform),
+        ds.width,
+        ds.height,
+        spec.epsg,
+        tuple(spec.transform),
+        spec.shape,
+        (window.col_off, window.row_off, window.width, window.height),
+    )
+    with _index_lock:
+        hit = _index_cache.get(key)
+        if hit is not None:
+            _index_cache.move_to_end(key)
+            return hit
+    src_win = _source_window(ds, spec, window)
+    result: tuple[Window | None, np.ndarray | None] = (None, None)
+    if src_win is not None:
+        h, w = int(src_win.height), int(src_win.width)
+        numbers = np.arange(1, h * w + 1, dtype=np.int32).reshape(h, w)
+        profile = {
+            "driver": "GTiff",
+            "width": w,
+            "height": h,
+            "count": 1,
+            "dtype": "int32",
+            "crs": ds.crs,
+            "transform": ds.window_transform(src_win),
+            "nodata": 0,
+        }
+        with rasterio.MemoryFile() as mem:
+            with mem.open(**profile) as dst:
+                dst.write(numbers, 1)
+            with (
+                mem.open() as src,
+                WarpedVRT(
+                    src, sharing=False, resampling=Resampling.nearest, **spec.vrt_params
+                ) as vrt,
+            ):
+                index = vrt.read(1, window=window) - 1
+        if (index >= 0).any():
+            result = (src_win, index)
+    with _index_lock:
+        _index_cache[key] = result
+        while len(_index_cache) > INDEX_CACHE_SIZE:
+            _index_cache.popitem(last=False)
+    return result
+
+
+class NearestGather:
+    """A single-band dataset read onto the output grid by gathering with an index map.
+
+    Stands where stackstac keeps its ``ThreadLocalRioDataset``; :meth:`read_grid` returns
+    what stackstac's masked, warped, filled read returns.
+    """
+
+    def __init__(self, env, ds, spec):
+        self.env, self.ds, self.spec = env, ds, spec
+        self._lock = threading.Lock()
+
+    def read_grid(self, window: Window, *, dtype, fill_value, scale_offset) -> np.ndarray:
+        shape = (int(window.height), int(window.width))
+        with self._lock, self.env.read:
+            src_win, index = nearest_index_map(self.ds, self.spec, window)
+            out = np.full(shape, fill_value, dtype)
+            if src_win is None:
+                return out
+            raw = self.ds.read(1, window=src_win, out_dtype=dtype).ravel()
+        valid = index >= 0
+        values = raw[index[valid]]
+        nodata = self.ds.nodata
+        if nodata is not None:
+            bad = np.isnan(values) if np.isnan(nodata) else values == np.array(nodata, dtype)
+        scale, offset = scale_offset  # in float64, as NumPy does on stackstac's masked array
+        if scale != 1:
+            values = (values * np.float64(scale)).astype(dtype, copy=False)
+        if offset != 0:
+            values = (values + np.float64(offset)).astype(dtype, copy=False)
+        if nodata is not None:
+            values[bad] = fill_value
+        out[valid] = values
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            self.ds.close()
+
+
 class ClosingReader(AutoParallelRioReader):
-    """stackstac's reader, closing its dataset after each read and retrying failures."""
+    """stackstac's reader, closing its dataset after each read and retrying failures.
+
+    Single-band GeoTIFFs read with nearest resampling onto another grid, whose only mask is
+    their nodata value, are read raw and gathered with a cached index map
+    (:class:`NearestGather`); anything else goes through stackstac's warped read.
+    """
 
     def _clean(self, text: str) -> str:
         return redact(text)
 
+    def _open(self):
+        if self.resampling != Resampling.nearest:
+            return super()._open()
+        with self.gdal_env.open:
+            try:
+                ds = SelfCleaningDatasetReader(self.url, sharing=False)
+            except Exception as e:  # as stackstac: a 404 (errors_as_nodata) reads as nodata
+                msg = f"Error opening {self.url!r}: {e!r}"
+                if exception_matches(e, self.errors_as_nodata):
+                    warnings.warn(msg, stacklevel=2)
+                    return NodataReader(dtype=self.dtype, fill_value=self.fill_value)
+                raise RuntimeError(msg) from e
+            if ds.count != 1:
+                ds.close()
+                return super()._open()  # stackstac raises its multi-band error
+            same_grid = self.spec.vrt_params == {
+                "crs": ds.crs.to_epsg(),
+                "transform": ds.transform,
+                "height": ds.height,
+                "width": ds.width,
+            }
+            flags = ds.mask_flag_enums[0]
+            if (
+                not same_grid
+                and ds.driver in MULTITHREADED_DRIVER_ALLOWLIST
+                and flags in ([MaskFlags.nodata], [MaskFlags.all_valid])
+            ):
+                return NearestGather(self.gdal_env, ds, self.spec)
+            # stackstac's own dataset (as AutoParallelRioReader._open builds it)
+            vrt = None
+            if not same_grid:
+                with self.gdal_env.open_vrt:
+                    vrt = WarpedVRT(
+                        ds,
+                        sharing=False,
+                        resampling=self.resampling,
+                        add_alpha=ds.nodata is None,
+                        **self.spec.vrt_params,
+                    )
+        if ds.driver in MULTITHREADED_DRIVER_ALLOWLIST:
+            return ThreadLocalRioDataset(self.gdal_env, ds, vrt=vrt)
+        return SingleThreadedRioDataset(self.gdal_env, ds, vrt=vrt)
+
+    def _read_once(self, window: Window, **kwargs) -> np.ndarray:
+        dataset = self.dataset
+        if isinstance(dataset, NearestGather) and not kwargs:
+            try:
+                return dataset.read_grid(
+                    window,
+                    dtype=self.dtype,
+                    fill_value=self.fill_value,
+                    scale_offset=self.scale_offset,
+                )
+            except Exception as e:
+                msg = f"Error reading {window} from {self.url!r}: {e!r}"
+                if exception_matches(e, self.errors_as_nodata):
+                    warnings.warn(msg, stacklevel=2)
+                    return nodata_for_window(window, self.fill_value, self.dtype)
+                raise RuntimeError(msg) from e
+        return super().read(window, **kwargs)
+
     def read(self, window: Window, **kwargs) -> np.ndarray:
         for attempt in range(RETRIES + 1):
             try:
-                return super().read(window, **kwargs)
+                return self._read_once(window, **kwargs)
             except RuntimeError as e:
                 forget(self.url)  # GDAL caches failed opens per process: ask again
                 text = str(e)

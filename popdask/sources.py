@@ -516,9 +516,7 @@ def tile_composite(
             )
         else:
             scale, offset = scale_offset(items, assets, name=src.name, scale=cfg.scale)
-            kernel = _scaled(
-                comp.radar_composite if src.name == "sentinel1" else comp.median_composite
-            )
+            kernel = comp.radar_composite if src.name == "sentinel1" else comp.median_composite
             kw = {"scale": scale, "offset": offset}
         parts.append(
             stack.data.map_blocks(
@@ -532,13 +530,3 @@ def tile_composite(
             )
         )
     return da.concatenate(parts, axis=0), bands, kinds, n_items
-
-
-def _scaled(kernel):
-    def run(stack, *, groups, scale, offset):
-        data = stack * np.asarray(scale, np.float32)[:, :, None, None]
-        data += np.asarray(offset, np.float32)[:, :, None, None]
-        return kernel(data, groups=groups)
-
-    run.__name__ = kernel.__name__
-    return run

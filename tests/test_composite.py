@@ -1,9 +1,12 @@
+import warnings
+
 import numpy as np
 import pytest
 
 from popdask.composite import (
     median_composite,
     mosaic_by_group,
+    mosaic_scaled,
     nanmedian_time,
     optical_composite,
     radar_composite,
@@ -71,3 +74,124 @@ def test_radar_db():
     stack = np.array([0.1, 0.01, 1.0], np.float32).reshape(3, 1, 1, 1)
     out = radar_composite(stack, groups=np.arange(3))
     assert out[0, 0, 0] == pytest.approx(-10.0)
+
+
+# --------------------------------------------------------------------------------------
+# The fast kernels against the plain NumPy reference
+# --------------------------------------------------------------------------------------
+def _reference_optical(stack, groups, scale, offset, mask_band, mask_values):
+    """optical_composite as it was: scaled float copy, np.delete, broadcast mask."""
+    data = stack.astype(np.float32, copy=True)
+    data *= np.asarray(scale, np.float32)[:, :, None, None]
+    data += np.asarray(offset, np.float32)[:, :, None, None]
+    if mask_band is not None:
+        scl = stack[:, mask_band]
+        bad = np.isnan(scl) | np.isin(scl, np.asarray(mask_values, np.float32))
+        data = np.delete(data, mask_band, axis=1)
+        data[np.broadcast_to(bad[:, None], data.shape)] = np.nan
+    with np.errstate(all="ignore"), pytest.warns(RuntimeWarning):
+        return np.nanmedian(mosaic_by_group(data, groups), axis=0).astype(np.float32)
+
+
+def _random_stack(rng, t, b, ny, nx, nan_frac=0.3):
+    x = rng.uniform(-1, 1, (t, b, ny, nx)).astype(np.float32)
+    x[rng.uniform(size=x.shape) < nan_frac] = np.nan
+    x[:, :, 0, 0] = np.nan  # an all-NaN pixel
+    return x
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 4, 7, 8, 11])
+def test_nanmedian_time_equals_numpy(t):
+    rng = np.random.default_rng(t)
+    x = _random_stack(rng, t, 3, 17, 13)
+    x[:, 1, 2, 3] = np.nan
+    x[: t // 2, 2, 4, 5] = np.nan  # a pixel with fewer valid values
+    x[:, 0, 1, 1] = np.arange(t, dtype=np.float32)[::-1]  # no NaN, even or odd count
+    with pytest.warns(RuntimeWarning):
+        ref = np.nanmedian(x, axis=0)
+    out = nanmedian_time(x)
+    assert out.dtype == np.float32 and out.shape == ref.shape
+    np.testing.assert_array_equal(out, ref)  # identical, NaN where all NaN
+    assert np.isnan(out[:, 0, 0]).all()
+
+
+def test_nanmedian_time_even_and_odd_counts_and_input_untouched():
+    x = np.array([[1, 1, 5], [2, nan, 6], [4, nan, nan], [nan, nan, nan]], np.float32)
+    keep = x.copy()
+    out = nanmedian_time(x[:, :, None])[:, 0]
+    np.testing.assert_array_equal(out, [2.0, 1.0, 5.5])  # odd → middle, even → mean of two
+    np.testing.assert_array_equal(x, keep)
+    assert nanmedian_time(np.empty((0, 2), np.float32)).shape == (2,)
+
+
+def test_nanmedian_time_keeps_huge_values_and_infinities():
+    big = np.float32(3e38)
+    x = np.array([[big], [big], [np.inf], [-np.inf]], np.float32)
+    with np.errstate(over="ignore"):
+        ref = np.nanmedian(x, axis=0)
+    np.testing.assert_array_equal(nanmedian_time(x), ref)  # even count: (big + big) / 2
+    # odd count: the middle value itself (np.nanmedian's masked path computes
+    # (big + big) / 2 here too and overflows to inf)
+    np.testing.assert_array_equal(nanmedian_time(x[:3]), [big])
+    np.testing.assert_array_equal(nanmedian_time(x[1:]), [big])
+
+
+@pytest.mark.parametrize("groups", [[0, 1, 2, 3, 4, 5], [0, 0, 1, 1, 1, 2], [3, 3, 1, 0, 1, 2]])
+def test_optical_composite_equals_reference(groups):
+    rng = np.random.default_rng(len(set(groups)))
+    t = len(groups)
+    dn = rng.integers(1, 10000, (t, 4, 9, 11)).astype(np.float32)
+    dn[rng.uniform(size=dn.shape) < 0.2] = np.nan
+    dn[:, :, 0, 0] = np.nan
+    dn[:, 3] = rng.choice([4, 5, 6, 8, 9, 3, nan], size=(t, 9, 11))  # SCL
+    dn[:, 3, 1, 1] = 9  # cloudy every day
+    scale = np.full((t, 4), 1e-4)
+    offset = np.where(np.arange(t)[:, None] % 2, -0.1, 0.0) * np.ones((1, 4))
+    groups = np.array(groups)
+    kw = {"mask_band": 3, "mask_values": (0, 1, 3, 8, 9, 10, 11)}
+    keep = dn.copy()
+    out = optical_composite(dn, groups=groups, scale=scale, offset=offset, **kw)
+    ref = _reference_optical(dn, groups, scale, offset, kw["mask_band"], kw["mask_values"])
+    np.testing.assert_array_equal(out, ref)
+    np.testing.assert_array_equal(dn, keep, strict=True)  # the input is not modified
+    assert np.isnan(out[:, 0, 0]).all() and np.isnan(out[:, 1, 1]).all()
+    # without a mask band every band is kept
+    out = optical_composite(dn[:, :3], groups=groups, scale=scale[:, :3], offset=offset[:, :3])
+    ref = _reference_optical(dn[:, :3], groups, scale[:, :3], offset[:, :3], None, ())
+    np.testing.assert_array_equal(out, ref)
+
+
+def test_radar_and_median_composite_scale_inside_equal_scaling_first():
+    rng = np.random.default_rng(5)
+    x = np.abs(_random_stack(rng, 6, 2, 7, 5))
+    groups = np.array([0, 0, 1, 2, 2, 3])
+    scale = rng.uniform(0.5, 2, (6, 2))
+    offset = rng.uniform(0, 0.1, (6, 2))
+    pre = x * np.asarray(scale, np.float32)[:, :, None, None]
+    pre += np.asarray(offset, np.float32)[:, :, None, None]
+    for kernel in (radar_composite, median_composite):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            np.testing.assert_array_equal(
+                kernel(x, groups=groups, scale=scale, offset=offset), kernel(pre, groups=groups)
+            )
+    with pytest.warns(RuntimeWarning):
+        ref = np.nanmedian(mosaic_by_group(pre, groups), axis=0)
+    out = median_composite(x, groups=groups, scale=scale, offset=offset)
+    np.testing.assert_array_equal(out, ref)
+
+
+def test_mosaic_scaled_equals_mosaic_of_masked_scaled_stack():
+    rng = np.random.default_rng(7)
+    x = _random_stack(rng, 5, 3, 6, 4)
+    groups = np.array([2, 2, 0, 1, 0])
+    valid = rng.uniform(size=(5, 6, 4)) < 0.7
+    scale, offset = rng.uniform(0.5, 2, (5, 3)), rng.uniform(-1, 1, (5, 3))
+    data = x * scale.astype(np.float32)[:, :, None, None]
+    data += offset.astype(np.float32)[:, :, None, None]
+    data[np.broadcast_to(~valid[:, None], data.shape)] = np.nan
+    out = mosaic_scaled(x, groups, bands=[0, 2], scale=scale, offset=offset, valid=valid)
+    np.testing.assert_array_equal(out, mosaic_by_group(data[:, [0, 2]], groups))
+    np.testing.assert_array_equal(mosaic_scaled(x, groups), mosaic_by_group(x, groups))
+    with pytest.raises(ValueError, match="groups has shape"):
+        mosaic_scaled(x, groups[:2])

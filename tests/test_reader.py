@@ -5,6 +5,7 @@ from affine import Affine
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 from stackstac.raster_spec import RasterSpec
+from stackstac.rio_reader import AutoParallelRioReader
 
 from popdask import reader as reader_mod
 from popdask.reader import ClosingReader
@@ -78,3 +79,108 @@ def test_persistent_failure_raises_with_the_url(tmp_path, monkeypatch):
     bad.write_bytes(b"not a tiff")
     with pytest.raises(RuntimeError, match=r"broken\.tif"):
         make(bad).read(Window(0, 0, 4, 4))
+
+
+# --------------------------------------------------------------------------------------
+# Nearest reads onto another grid: index-map gather, identical to stackstac's warped read
+# --------------------------------------------------------------------------------------
+SPEC_3035 = RasterSpec(
+    epsg=3035, bounds=(4321000, 3210000, 4323000, 3212000), resolutions_xy=(20, 20)
+)
+
+
+def _utm_cog(path, dtype, nodata, seed=0):
+    """A 20 m UTM 32N granule over part of SPEC_3035, with nodata holes."""
+    rng = np.random.default_rng(seed)
+    data = rng.integers(1, 60000, (70, 60)).astype(dtype)
+    if nodata is not None:
+        data[rng.uniform(size=data.shape) < 0.1] = nodata
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=60,
+        height=70,
+        count=1,
+        dtype=dtype,
+        crs="EPSG:32632",
+        transform=Affine(20, 0, 569600, 0, -20, 5763000),
+        nodata=nodata,
+        tiled=True,
+        blockxsize=32,
+        blockysize=32,
+    ) as dst:
+        dst.write(data, 1)
+    return path
+
+
+def _pair(path, resampling=Resampling.nearest, **kw):
+    args = {
+        "url": str(path),
+        "spec": SPEC_3035,
+        "resampling": resampling,
+        "dtype": np.dtype("float32"),
+        "fill_value": np.float32("nan"),
+        "scale_offset": (1, 0),
+        **kw,
+    }
+    return ClosingReader(**args), AutoParallelRioReader(**args)
+
+
+CASES = [("uint16", 0), ("float32", np.nan), ("float32", -32768.0), ("uint16", None)]
+
+
+@pytest.mark.parametrize(("dtype", "nodata"), CASES)
+def test_nearest_gather_equals_stackstac_warped_read(tmp_path, dtype, nodata):
+    path = _utm_cog(tmp_path / "utm.tif", dtype, nodata)
+    ours, theirs = _pair(path)
+    assert isinstance(ours.dataset, reader_mod.NearestGather)
+    ours.close()
+    for window in [Window(0, 0, 100, 100), Window(10, 20, 50, 30), Window(90, 0, 10, 10)]:
+        expected = theirs.read(window)
+        out = ours.read(window)
+        assert out.dtype == np.float32 and out.shape == expected.shape
+        np.testing.assert_array_equal(out, expected)
+    assert ours._dataset is None  # closed after each read
+    assert 0.05 < np.isnan(ours.read(Window(0, 0, 100, 100))).mean() < 0.95  # covers part
+
+
+def test_nearest_gather_scale_offset_and_index_map_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(reader_mod, "_index_cache", reader_mod.OrderedDict())
+    a = _utm_cog(tmp_path / "a.tif", "uint16", 0, seed=1)
+    b = _utm_cog(tmp_path / "b.tif", "uint16", 0, seed=2)  # same grid: same index map
+    for path in (a, b):
+        ours, theirs = _pair(path, scale_offset=(1e-4, -0.1))
+        np.testing.assert_array_equal(
+            ours.read(Window(0, 0, 100, 100)), theirs.read(Window(0, 0, 100, 100))
+        )
+    assert len(reader_mod._index_cache) == 1
+
+
+def test_window_without_source_reads_as_fill(tmp_path):
+    path = _utm_cog(tmp_path / "utm.tif", "uint16", 0)
+    spec = RasterSpec(
+        epsg=3035, bounds=(4421000, 3210000, 4423000, 3212000), resolutions_xy=(20, 20)
+    )
+    ours, theirs = _pair(path, spec=spec)
+    out = ours.read(Window(0, 0, 100, 100))
+    assert np.isnan(out).all()
+    np.testing.assert_array_equal(out, theirs.read(Window(0, 0, 100, 100)))
+
+
+def test_bilinear_goes_through_the_warped_read(tmp_path):
+    path = _utm_cog(tmp_path / "utm.tif", "float32", np.nan)
+    ours, theirs = _pair(path, resampling=Resampling.bilinear)
+    assert not isinstance(ours.dataset, reader_mod.NearestGather)
+    np.testing.assert_array_equal(
+        ours.read(Window(0, 0, 100, 100)), theirs.read(Window(0, 0, 100, 100))
+    )
+
+
+def test_errors_as_nodata_open_reads_as_fill(tmp_path):
+    from rasterio.errors import RasterioIOError
+
+    ours, _ = _pair(tmp_path / "missing.tif", errors_as_nodata=(RasterioIOError(".*"),))
+    with pytest.warns(UserWarning, match="missing.tif"):
+        out = ours.read(Window(0, 0, 8, 8))
+    assert out.shape == (8, 8) and np.isnan(out).all()
