@@ -185,6 +185,10 @@ class RegressionConfig(_Model):
     rescale: bool = True
     smooth_sigma: float = Field(3.0, ge=0)
     min_valid: float = Field(0.5, ge=0, le=1)
+    #: covariates that let a cluster's density vary per pixel (popdask.terms); [] = none
+    terms: list[Literal["intensity", "context"]] = ["intensity", "context"]
+    #: Gaussian sigma in metres of the neighbourhood of the context term
+    context_radius: float = Field(200.0, gt=0)
 
 
 class OutputConfig(_Model):

@@ -515,13 +515,15 @@ def evaluate_cells(
     min_valid: float = 0.5,
     cell_km2: float = 1.0,
     fit_options: Mapping[str, Any] | None = None,
+    n_clusters: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The cell-level protocol (1 km fit, bias by class, coarse to fine) on arrays.
 
     Parameters
     ----------
-    fractions : array_like, shape (ny, nx, n_clusters)
-        Cell fractions.
+    fractions : array_like, shape (ny, nx, n_columns)
+        Cell fractions: the cluster fractions, optionally followed by covariate-weighted
+        fractions (:mod:`popdask.terms`; every column is fitted alike).
     census : array_like, shape (ny, nx)
         Census counts; NaN unknown.
     n_splits : int, default 5
@@ -536,16 +538,20 @@ def evaluate_cells(
         Cell area in km².
     fit_options : mapping, optional
         Options of `popdask.regression.fit_densities`.
+    n_clusters : int, optional
+        How many of the first columns are cluster fractions (default: all); only they count
+        towards a cell's share of labelled pixels.
 
     Returns
     -------
     (dict, dict)
         The JSON-able report and the ``(ny, nx)`` maps: ``census`` (usable cells),
-        ``in_sample``, ``cv`` predictions, and ``densities`` (n_clusters,).
+        ``in_sample``, ``cv`` predictions, and ``densities`` (n_columns,).
     """
     fr, cen = _cell_arrays(fractions, census)
     ny, nx, k = fr.shape
-    usable = _usable(fr, cen, min_valid)
+    n_clusters = k if n_clusters is None else int(n_clusters)
+    usable = _usable(fr[..., :n_clusters], cen, min_valid)
     y = np.where(usable, cen, np.nan)
     groups = block_groups((ny, nx), cells_per_block)
     fit = fit_cells(
@@ -560,8 +566,9 @@ def evaluate_cells(
             "used": int(usable.sum()),
             "min_valid": float(min_valid),
         },
-        "clusters": int(k),
-        "clusters_with_density": int((fit["densities"] > 0).sum()),
+        "clusters": n_clusters,
+        "terms": int(k // n_clusters) - 1,
+        "clusters_with_density": int((fit["densities"][:n_clusters] > 0).sum()),
         "cv_groups": len(np.unique(groups[usable])),
         "n_splits": fit["n_splits"],
         "fit_1km": {
@@ -771,6 +778,26 @@ def load_truth(path: str | Path, bounds: Sequence[float], resolution: float) -> 
     return np.ma.filled(arr.astype(np.float64), np.nan)
 
 
+def _region_terms(ds, reg: Mapping, reg_attrs: Mapping) -> np.ndarray | None:
+    """The run's covariate terms over the whole region (in memory: for demo-sized runs)."""
+    from popdask import terms
+
+    names = list(reg_attrs.get("terms") or [])
+    if not names:
+        return None
+    li, ri = terms.intensity_bands(list(ds.composite.attrs["band_kind"]))
+    comp = ds.composite
+    return terms.pixel_terms(
+        names,
+        labels=ds.cluster.values,
+        lights=comp[li].values if li else None,
+        radar=comp[ri].values if ri else None,
+        pilot=reg.get("pilot"),
+        sigma_px=float(reg_attrs.get("context_sigma_px", 0.0)),
+        scale=reg.get("term_scale"),
+    )
+
+
 def _n_clusters(path: str, so, densities: np.ndarray | None, attrs: Mapping) -> int:
     if densities is not None:
         return int(densities.shape[0])
@@ -857,17 +884,21 @@ def evaluate(
     res, cell = float(grid["resolution"]), float(grid["cell"])
     cell_px = round(cell / res)
     try:
-        reg, _ = _store.load_arrays(path, "regression", so)
+        reg, reg_attrs = _store.load_arrays(path, "regression", so)
         stored_dens = np.asarray(reg["densities"], dtype=np.float64)
     except KeyError:
-        stored_dens = None
-    k = _n_clusters(path, so, stored_dens, attrs)
+        reg, reg_attrs, stored_dens = {}, {}, None
     min_valid = float(((attrs.get("config") or {}).get("regression") or {}).get("min_valid", 0.5))
-
-    fractions = np.asarray(
-        regression.cell_fractions(ds.cluster.data, k, cell_px=cell_px).compute(),
-        dtype=np.float64,
-    )
+    if "design" in reg:  # the run's fit columns: cluster fractions, then weighted ones
+        k = int(reg_attrs["n_clusters"])
+        fractions = np.asarray(reg["design"], dtype=np.float64)
+        fractions = fractions.reshape(*ds.census.shape, fractions.shape[-1])
+    else:
+        k = _n_clusters(path, so, stored_dens, attrs)
+        fractions = np.asarray(
+            regression.cell_fractions(ds.cluster.data, k, cell_px=cell_px).compute(),
+            dtype=np.float64,
+        )
     census = ds.census.values.astype(np.float64)
     t_read = time.perf_counter() - t0
 
@@ -888,6 +919,7 @@ def evaluate(
         min_valid=min_valid,
         cell_km2=cell_km2,
         fit_options=fit_options,
+        n_clusters=k,
     )
     usable = np.isfinite(maps["census"])
     stored: dict[str, Any] = {"densities_saved": stored_dens is not None}
@@ -926,7 +958,7 @@ def evaluate(
             ests["density_smoothed"] = ds.density.values.astype(np.float64) * (res * res / 1e6)
         if stored_dens is not None:
             ests["model_unrescaled"] = pixel_population(
-                ds.cluster.values, stored_dens, cell_px
+                ds.cluster.values, stored_dens, cell_px, _region_terms(ds, reg, reg_attrs)
             ).astype(np.float64)
         ests["baseline_uniform"] = uniform_population(census, cell_px)
         scales = (1, max(round(100 / res), 1), cell_px)

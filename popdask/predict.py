@@ -18,11 +18,32 @@ from popdask.model import NODATA_LABEL
 TRUNCATE = 4.0  # Gaussian kernel radius in sigmas
 
 
-def pixel_population(labels: np.ndarray, densities: np.ndarray, cell_px: int) -> np.ndarray:
-    """Persons per pixel: ``densities[label] / cell_px²``, 0 where the label is -1."""
-    per_px = np.append(np.asarray(densities, np.float64) / cell_px**2, 0.0).astype(np.float32)
-    lab = np.where(labels == NODATA_LABEL, len(per_px) - 1, labels)
-    return per_px[lab]
+def pixel_population(
+    labels: np.ndarray,
+    densities: np.ndarray,
+    cell_px: int,
+    terms: np.ndarray | None = None,
+) -> np.ndarray:
+    """Persons per pixel, 0 where the label is -1.
+
+    ``densities[label] / cell_px²`` without terms; with ``terms`` ``(m, y, x)`` (see
+    :mod:`popdask.terms`) ``densities`` holds ``(1 + m) · n_clusters`` values and a pixel gets
+    ``(d[label] + Σ_j d[(j + 1) · n_clusters + label] · terms[j]) / cell_px²``.
+    """
+    dens = np.asarray(densities, np.float64)
+    m = 0 if terms is None else len(terms)
+    if dens.size % (1 + m):
+        raise ValueError(f"{dens.size} densities cannot hold {1 + m} blocks of clusters")
+    k = dens.size // (1 + m)
+    lab = np.where(labels == NODATA_LABEL, k, labels)
+
+    def lookup(block: np.ndarray) -> np.ndarray:
+        return np.append(block / cell_px**2, 0.0).astype(np.float32)[lab]
+
+    out = lookup(dens[:k])
+    for j in range(m):
+        out += lookup(dens[(j + 1) * k : (j + 2) * k]) * np.asarray(terms[j], np.float32)
+    return out
 
 
 def cell_sums(values: np.ndarray, cell_px: int) -> np.ndarray:
@@ -86,6 +107,7 @@ def predict_window(
     resolution: float,
     sigma: float,
     inner: tuple[slice, slice],
+    terms: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Population, density and cell estimates for a tile, given it with its halo.
 
@@ -96,11 +118,15 @@ def predict_window(
     census
         ``(y_cell, x_cell)`` census of the same window, or None for no rescaling.
     densities
-        ``(n_clusters,)`` persons per fully covered cell.
+        ``(n_clusters,)`` persons per fully covered cell, or ``((1 + m) · n_clusters,)``
+        with ``m`` terms.
     cell_px, resolution, sigma
         Cell size in pixels, pixel size in metres, smoothing sigma in pixels.
     inner
         Pixel slices of the tile inside the window (multiples of ``cell_px``).
+    terms
+        ``(m, y, x)`` covariates of the window when ``densities`` has terms (see
+        `pixel_population`).
 
     Returns
     -------
@@ -108,7 +134,7 @@ def predict_window(
         ``population`` and ``density`` ``(y, x)`` of the tile; ``predicted``
         ``(y_cell, x_cell)`` model estimate per cell before rescaling.
     """
-    pop = pixel_population(labels, densities, cell_px)
+    pop = pixel_population(labels, densities, cell_px, terms)
     predicted = cell_sums(pop, cell_px)
     if census is not None:
         pop = rescale(pop, census, cell_px)

@@ -77,6 +77,31 @@ def test_population_sums_to_census_and_metrics(finished):
     assert (finished.parent / "quicklook.png").stat().st_size > 10_000
 
 
+def test_terms_are_kept_only_when_they_help_and_stay_additive(finished):
+    """The covariate terms pass the grouped CV or are dropped; a cell's pixels sum to the
+    design matrix times the densities either way (the model is additive over pixels)."""
+    path = str(finished.parent / "out.zarr")
+    arrays, attrs = store.load_arrays(path, "regression")
+    k = attrs["n_clusters"]
+    assert k == 20
+    names = attrs["terms"]
+    assert set(names) <= {"intensity", "context"}
+    assert arrays["densities"].shape == ((1 + len(names)) * k,)
+    assert (arrays["densities"] >= 0).all()
+    assert arrays["design"].shape == (36, (1 + len(names)) * k)
+    metrics = json.loads((finished.parent / "metrics.json").read_text())
+    assert metrics["terms"] == names
+    if names:  # kept: not worse out of fold than the fractions alone
+        assert metrics["mae_1km_cv"] <= metrics["mae_1km_cv_without_terms"]
+    else:
+        assert metrics["mae_1km_cv"] == attrs["cv_without_terms"]["mae"]
+    ds = xr.open_zarr(path)
+    predicted = ds.predicted.values.astype(np.float64).ravel()
+    np.testing.assert_allclose(
+        predicted, arrays["design"].astype(np.float64) @ arrays["densities"], rtol=1e-4, atol=1e-3
+    )
+
+
 def test_model_is_plain_arrays_and_reproduces_labels(finished):
     path = str(finished.parent / "out.zarr")
     arrays, attrs = store.load_arrays(path, "model")
