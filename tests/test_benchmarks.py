@@ -38,7 +38,20 @@ def test_scale_benchmark_smallest_region(tmp_path, capsys):
     assert all(r["timings_s"][k] > 0 for k in ("composite", "fit", "label_predict"))
     assert len(r["peak_rss_mb"]) == 3 and all(v > 50 for v in r["peak_rss_mb"].values())
     assert r["max_graph_tasks"] > 0 and r["cog_bytes"] > 0 and r["raw_read_s"] > 0
-    assert set(r["numpy_s"]) == {"composite_median", "label", "fractions_predict"}
+    assert set(r["numpy_s"]) == {
+        "composite_median",
+        "fit",
+        "label",
+        "fractions_terms",
+        "regression",
+        "predict",
+    }
+    assert all(v > 0 for v in r["numpy_s"].values())
+    assert set(r["ratio"]) == {"composite", "fit", "label_predict"}
+    assert r["timings_s"]["label_predict"] == pytest.approx(
+        sum(r["timings_s"][k] for k in ("label", "regression", "predict"))
+    )
     assert set(r["prototype_s"]) == {"fit", "label_predict"}
+    assert len(list((tmp_path / "work" / "4km" / "prototype").glob("pop_*.tif"))) == 1
     assert doc["projection"]["core_hours"] > 0
     assert "composite" in capsys.readouterr().out
