@@ -9,6 +9,7 @@ tile with two matrix products (no per-pixel Python).
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Sequence
@@ -49,23 +50,39 @@ class PixelModel:
         return np.array([k == REFLECTANCE for k in self.kinds])
 
     # -- projection ---------------------------------------------------------------------
+    @functools.cached_property
+    def _affine(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Standardise → PCA → whiten folded into ``p = x @ w + b``, and the k-means
+        distance folded into ``x @ a + c`` (= ``||p − centroid||² − ||p||²``), float32."""
+        scale = 1.0 / np.sqrt(self.explained_variance)
+        w = (self.components / self.std).T * scale  # (n_features, n_components)
+        b = -((self.mean / self.std + self.pca_mean) @ self.components.T) * scale
+        cen = self.centroids
+        a = -2.0 * (w @ cen.T)  # (n_features, n_clusters)
+        c = (cen * cen).sum(axis=1) - 2.0 * (b @ cen.T)
+        return tuple(v.astype(np.float32) for v in (w, b, a, c))
+
+    def _features(self, values: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+        """Features with missing radar/lights imputed by the mean, and which pixels are valid."""
+        x = transform(values, self.kinds, axis=axis)
+        xb = np.moveaxis(x, axis, 0)
+        valid = np.isfinite(xb[self.required]).all(axis=0)
+        mean = self.mean.astype(np.float32).reshape((-1,) + (1,) * (xb.ndim - 1))
+        np.copyto(xb, np.broadcast_to(mean, xb.shape), where=~np.isfinite(xb))
+        return x, valid
+
     def project(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Whitened PCA scores of ``(n, band)`` composite values, and which rows are valid."""
-        x = transform(values, self.kinds, axis=-1)
-        valid = np.isfinite(x[:, self.required]).all(axis=1)
-        z = (x - self.mean) / self.std
-        z[~np.isfinite(z)] = 0.0  # missing radar/lights: impute the mean
-        p = (z - self.pca_mean) @ self.components.T
-        p /= np.sqrt(self.explained_variance)
-        return p.astype(np.float32), valid
+        x, valid = self._features(values, axis=-1)
+        w, b, _, _ = self._affine
+        return x @ w + b, valid
 
     def predict(self, values: np.ndarray) -> np.ndarray:
         """Cluster of each ``(n, band)`` row, -1 where a reflectance is missing."""
-        p, valid = self.project(values)
-        c = self.centroids.astype(np.float32)
-        # argmin ||p - c||² = argmin (||c||² - 2 p·c): one BLAS product per block.
-        d = (c * c).sum(axis=1) - 2.0 * (p @ c.T)
-        lab = np.argmin(d, axis=1).astype(np.int16)
+        x, valid = self._features(values, axis=-1)
+        _, _, a, c = self._affine
+        # argmin ||p - c||² = argmin (||c||² - 2 p·c), all folded into one BLAS product.
+        lab = np.argmin(x @ a + c, axis=1).astype(np.int16)
         lab[~valid] = NODATA_LABEL
         return lab
 
@@ -74,8 +91,11 @@ class PixelModel:
         nb, ny, nx = composite.shape
         if nb != len(self.bands):
             raise ValueError(f"composite has {nb} bands, the model expects {len(self.bands)}")
-        flat = composite.reshape(nb, -1).T
-        return self.predict(flat).reshape(ny, nx)
+        x, valid = self._features(composite, axis=0)  # band-major: contiguous per band
+        _, _, a, c = self._affine
+        lab = np.argmin(x.reshape(nb, -1).T @ a + c, axis=1).astype(np.int16)
+        lab[~valid.ravel()] = NODATA_LABEL
+        return lab.reshape(ny, nx)
 
     # -- plain-array storage ------------------------------------------------------------
     def to_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
