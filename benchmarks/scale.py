@@ -113,7 +113,7 @@ def _reset_graph_sizes(dask_scheduler) -> None:
 # --------------------------------------------------------------------------------------
 # One region through popdask
 # --------------------------------------------------------------------------------------
-def run_popdask(size_km: int, work: Path, client, *, clusters: int, seed: int = 0) -> dict:
+def run_popdask(size_km: int, work: Path, client, *, clusters: int | None, seed: int = 0) -> dict:
     from popdask.config import config_from_dict
     from popdask.demo import demo_config
     from popdask.pipeline import run
@@ -136,7 +136,8 @@ def run_popdask(size_km: int, work: Path, client, *, clusters: int, seed: int = 
         list(region.collections.values()), list(region.items.values()), cwd=region.root
     ) as server:
         data = demo_config(region, server.url, out)
-        data["model"].update(clusters=clusters, components=8, sample_pixels=200_000)
+        if clusters is not None:  # else the demo's model (12 components, 100 clusters)
+            data["model"].update(clusters=clusters)
         cfg = config_from_dict(data)
         client.run_on_scheduler(_reset_graph_sizes)
         before = client.run(_proc_stats)
@@ -376,7 +377,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10, 20, 40])
     ap.add_argument("--reps", type=int, default=1)
-    ap.add_argument("--clusters", type=int, default=60)
+    ap.add_argument("--clusters", type=int, default=None, help="default: the demo's")
     ap.add_argument("--no-prototype", action="store_true", help="skip the prototype's path")
     ap.add_argument("--out", default=str(HERE / "results.json"))
     ap.add_argument("--workdir", default=None)

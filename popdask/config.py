@@ -175,7 +175,7 @@ class CensusConfig(_Model):
 
 
 class ModelConfig(_Model):
-    components: int = Field(10, gt=0)
+    components: int = Field(12, gt=0)
     clusters: int = Field(150, ge=2)
     sample_pixels: int = Field(300_000, gt=0)
     seed: int = 0
