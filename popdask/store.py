@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import dask.array as da
@@ -288,6 +288,47 @@ def write_tile(
             storage_options=_so(path, storage_options),
             consolidated=False,
         )
+
+
+def read_window(
+    path: str,
+    name: str,
+    ys: slice,
+    xs: slice,
+    storage_options=None,
+    *,
+    index: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Stored values of ``name`` in the window ``ys, xs`` (pixels, or cells for cell
+    variables), read with Zarr inside the calling task (no dask graph).
+
+    ``index`` picks entries of a leading axis (the composite's bands); default all.
+    """
+    arr = open_group(path, storage_options, mode="r")[name]
+    if arr.ndim == 3:
+        lead = slice(None) if index is None else list(index)
+        return np.asarray(arr.get_orthogonal_selection((lead, ys, xs)))
+    return np.asarray(arr[ys, xs])
+
+
+def band_kinds(path: str, storage_options=None) -> list[str]:
+    """The kind of each composite band (``reflectance``, ``backscatter_db``, ``radiance``)."""
+    return list(open_group(path, storage_options, mode="r")["composite"].attrs["band_kind"])
+
+
+def write_arrays(
+    path: str, tile: Tile, variables: Mapping[str, np.ndarray], storage_options=None
+) -> None:
+    """Write one tile's NumPy arrays with Zarr from the calling task (chunk-aligned, so
+    each chunk is replaced whole). Pixel variables cover ``tile.ys``/``tile.xs``, cell
+    variables (``y_cell``, ``x_cell``) ``tile.ys_cell``/``tile.xs_cell``."""
+    g = open_group(path, storage_options)
+    for name, values in variables.items():
+        arr = g[name]
+        dims = arr.attrs.get("_ARRAY_DIMENSIONS", [])
+        cell = "y_cell" in dims
+        ys, xs = (tile.ys_cell, tile.xs_cell) if cell else (tile.ys, tile.xs)
+        arr[..., ys, xs] = values
 
 
 def update_attrs(path: str, attrs: Mapping[str, Any], storage_options=None) -> None:
