@@ -516,6 +516,7 @@ def evaluate_cells(
     cell_km2: float = 1.0,
     fit_options: Mapping[str, Any] | None = None,
     n_clusters: int | None = None,
+    coarse_columns: Sequence[int] | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The cell-level protocol (1 km fit, bias by class, coarse to fine) on arrays.
 
@@ -541,6 +542,9 @@ def evaluate_cells(
     n_clusters : int, optional
         How many of the first columns are cluster fractions (default: all); only they count
         towards a cell's share of labelled pixels.
+    coarse_columns : sequence of int, optional
+        Columns the coarse-to-fine protocol fits (default: all). The run's context term is
+        painted with densities fitted on the 1 km census, which that protocol must not see.
 
     Returns
     -------
@@ -584,7 +588,13 @@ def evaluate_cells(
     for f in coarse_factors:
         per = max(1, round(cells_per_block / f))  # groups of about the 1 km groups' size
         res = coarse_to_fine(
-            fr, y, f, groups_per=per, n_splits=n_splits, cell_km2=cell_km2, fit_options=fit_options
+            fr if coarse_columns is None else fr[..., list(coarse_columns)],
+            y,
+            f,
+            groups_per=per,
+            n_splits=n_splits,
+            cell_km2=cell_km2,
+            fit_options=fit_options,
         )
         report["coarse_to_fine"][f"{f}x{f}"] = res["report"]
     maps = {
@@ -889,10 +899,16 @@ def evaluate(
     except KeyError:
         reg, reg_attrs, stored_dens = {}, {}, None
     min_valid = float(((attrs.get("config") or {}).get("regression") or {}).get("min_valid", 0.5))
+    coarse_columns = None
+    run_terms = list(reg_attrs.get("terms") or []) if "design" in reg else []
     if "design" in reg:  # the run's fit columns: cluster fractions, then weighted ones
         k = int(reg_attrs["n_clusters"])
         fractions = np.asarray(reg["design"], dtype=np.float64)
         fractions = fractions.reshape(*ds.census.shape, fractions.shape[-1])
+        names = ["clusters", *(reg_attrs.get("terms") or [])]
+        coarse_columns = [
+            j * k + c for j, name in enumerate(names) if name != "context" for c in range(k)
+        ]
     else:
         k = _n_clusters(path, so, stored_dens, attrs)
         fractions = np.asarray(
@@ -920,6 +936,7 @@ def evaluate(
         cell_km2=cell_km2,
         fit_options=fit_options,
         n_clusters=k,
+        coarse_columns=coarse_columns,
     )
     usable = np.isfinite(maps["census"])
     stored: dict[str, Any] = {"densities_saved": stored_dens is not None}
@@ -938,6 +955,8 @@ def evaluate(
             "cells_per_block": per,
             "n_splits": int(n_splits),
             "coarse_m": [float(c) for c in coarse],
+            "terms": run_terms,
+            "coarse_terms": [t for t in run_terms if t != "context"],
             "fit_options": dict(fit_options or {}),
             "density_classes_per_km2": {
                 "edges": list(CLASS_EDGES),

@@ -252,6 +252,36 @@ def test_uniform_population_sums_to_census():
 # --------------------------------------------------------------------------------------------
 
 
+def test_term_columns_fit_at_1km_and_stay_out_of_the_coarse_protocol():
+    """Columns after the cluster fractions are fitted like them at 1 km; the coarse-to-fine
+    protocol fits only ``coarse_columns`` (the run's context term is painted with a 1 km fit)."""
+    fr, census = _perfect()
+    noisy = census * np.random.default_rng(1).lognormal(0, 0.3, census.shape)
+    extra = fr * (noisy / noisy.max())[..., None]  # four weighted columns, one "term"
+    design = np.concatenate([fr, extra], axis=-1)
+    plain, _ = ev.evaluate_cells(fr, noisy, n_splits=5, cells_per_block=5)
+    both, maps = ev.evaluate_cells(
+        design, noisy, n_splits=5, cells_per_block=5, n_clusters=4, coarse_columns=range(4)
+    )
+    assert both["clusters"] == 4 and both["terms"] == 1 and maps["densities"].shape == (8,)
+    assert both["cells"] == plain["cells"]  # the valid share counts the fractions only
+    assert both["fit_1km"]["in_sample"]["r2"] > plain["fit_1km"]["in_sample"]["r2"]
+    flat_both, flat_plain = _flatten(both["coarse_to_fine"]), _flatten(plain["coarse_to_fine"])
+    assert flat_both.keys() == flat_plain.keys() and len(flat_both) > 20
+    for key, value in flat_plain.items():  # equal up to the BLAS summation order
+        assert flat_both[key] == pytest.approx(value, rel=1e-9, abs=1e-9, nan_ok=True), key
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 @pytest.fixture(scope="module")
 def finished_store(tmp_path_factory):
     """A 10 × 10 km store (4 tiles of 5 km) written as a finished run would, and its truth."""
