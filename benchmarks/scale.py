@@ -33,6 +33,7 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -208,12 +209,14 @@ def numpy_limits(store_path: str, n_dates: int = 8, sample_pixels: int = 200_000
     with threadpool_limits(1):
         # composite: mask the cloudy observations and take np.nanmedian over the dates
         stack = comp[None, :nb_s2] * rng.uniform(0.95, 1.05, (n_dates, 1, 1, 1)).astype(np.float32)
-        dn = np.round(stack / 1e-4).astype(np.uint16)
+        dn = np.round(np.nan_to_num(stack, nan=0.0) / 1e-4).astype(np.uint16)  # 0 = nodata
         cloudy = rng.random((n_dates, 1, *comp.shape[1:])) < 0.2
         t = time.perf_counter()
         refl = dn.astype(np.float32) * np.float32(1e-4)
-        refl[np.broadcast_to(cloudy, refl.shape)] = np.nan
-        np.nanmedian(refl, axis=0)
+        refl[(dn == 0) | np.broadcast_to(cloudy, refl.shape)] = np.nan
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels
+            np.nanmedian(refl, axis=0)
         out["composite_median"] = time.perf_counter() - t
         del stack, dn, refl
 
