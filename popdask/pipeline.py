@@ -168,16 +168,49 @@ def _gather_tiles(
 # --------------------------------------------------------------------------------------
 # Pass 1: composites
 # --------------------------------------------------------------------------------------
+def _sample_shares(cfg: Config, grid: Grid) -> dict[str, int]:
+    """Pixels each tile contributes to the fit's sample (in proportion to its area)."""
+    n_px = grid.shape[0] * grid.shape[1]
+    m = cfg.model
+    return {
+        t.id: int(np.ceil(m.sample_pixels * (t.shape[0] * t.shape[1]) / n_px)) for t in grid.tiles()
+    }
+
+
+def _sample_seed(cfg: Config, index: int) -> int:
+    return cfg.model.seed * 1_000_003 + index
+
+
+def _store_sample(path: str, so: dict, index: int, block: np.ndarray, n: int, seed: int) -> None:
+    store.write_sample(path, index, sample_tile(block, n, seed), so)
+
+
+def _done(*_) -> None:
+    return None
+
+
 def composite_pass(
     client: Client, cfg: Config, grid: Grid, sources: Sequence[SourceItems], *, progress: bool
 ) -> list[str]:
-    path, so = cfg.output.store, cfg.output.storage_options
+    """Composite every tile; each task also draws the tile's share of the fit's sample."""
+    path, so = cfg.output.store, dict(cfg.output.storage_options)
+    tiles = grid.tiles()
+    index = {t.id: i for i, t in enumerate(tiles)}
+    shares = _sample_shares(cfg, grid)
+    n_bands = sum(len(s.bands) for s in sources)
+    sample_attrs = {"sample_pixels": cfg.model.sample_pixels, "seed": cfg.model.seed}
+    store.create_sample(path, len(tiles), max(shares.values()), n_bands, sample_attrs, so)
 
     def build(t: Tile):
         data, _, _, _ = tile_composite(
             sources, t.bounds, resolution=grid.resolution, sign=cfg.stac.sign, read=cfg.read
         )
-        return store.write_tile(path, t, {"composite": (("band", "y", "x"), data)}, so)
+        write = store.write_tile(path, t, {"composite": (("band", "y", "x"), data)}, so)
+        i = index[t.id]
+        sample = dask.delayed(_store_sample, pure=True)(
+            path, so, i, data, shares[t.id], _sample_seed(cfg, i)
+        )
+        return dask.delayed(_done)(write, sample)
 
     return _tile_pass(
         client, cfg, grid, build, done_code=store.COMPOSITED, desc="composite", progress=progress
@@ -198,17 +231,20 @@ def fit_pass(client: Client, cfg: Config, grid: Grid) -> PixelModel:
         pass
     ds = store.open_store(path, so)
     tiles = grid.tiles()
-    n_px = grid.shape[0] * grid.shape[1]
     m = cfg.model
-    index = {t.id: i for i, t in enumerate(tiles)}
+    samples = store.read_sample(path, {"sample_pixels": m.sample_pixels, "seed": m.seed}, so)
+    if samples is None:  # a store composited without its sample: draw it from the composites
+        log.info("fit: drawing the sample from the stored composites")
+        index = {t.id: i for i, t in enumerate(tiles)}
+        shares = _sample_shares(cfg, grid)
 
-    def task(t: Tile):
-        share = int(np.ceil(m.sample_pixels * (t.shape[0] * t.shape[1]) / n_px))
-        block = ds.composite.data[:, t.ys, t.xs]
-        return dask.delayed(sample_tile)(block, share, m.seed * 1_000_003 + index[t.id])
+        def task(t: Tile):
+            block = ds.composite.data[:, t.ys, t.xs]
+            i = index[t.id]
+            return dask.delayed(sample_tile)(block, shares[t.id], _sample_seed(cfg, i))
 
-    parts = [s for _, s in _gather_tiles(client, tiles, task, cfg.cluster.batch_tiles)]
-    samples = np.concatenate(parts, axis=0)
+        parts = [s for _, s in _gather_tiles(client, tiles, task, cfg.cluster.batch_tiles)]
+        samples = np.concatenate(parts, axis=0)
     bands = [str(b) for b in ds.band.values]
     kinds = list(ds.composite.attrs["band_kind"])
     model = fit_model(

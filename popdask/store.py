@@ -311,6 +311,57 @@ def read_window(
     return np.asarray(arr[ys, xs])
 
 
+SAMPLE_GROUP = "sample"
+
+
+def create_sample(
+    path: str, n_tiles: int, per_tile: int, n_bands: int, attrs: Mapping[str, Any], so=None
+) -> None:
+    """Make room for the fit's pixel sample, drawn per tile by the composite pass.
+
+    The ``sample`` group holds ``pixels`` ``(tile, per_tile, band)`` (NaN padded) and
+    ``count`` ``(tile,)`` (-1 until the tile's sample is written). It is kept when it already
+    exists with the same ``attrs`` (a resumed run), else replaced.
+    """
+    root = open_group(path, so)
+    want = _jsonable(dict(attrs, per_tile=per_tile, n_tiles=n_tiles, n_bands=n_bands))
+    if SAMPLE_GROUP in root and dict(root[SAMPLE_GROUP].attrs) == want:
+        return
+    g = root.create_group(SAMPLE_GROUP, overwrite=True)
+    g.create_array(
+        "pixels",
+        shape=(n_tiles, per_tile, n_bands),
+        chunks=(1, per_tile, n_bands),
+        dtype="float32",
+        fill_value=np.nan,
+    )
+    g.create_array("count", shape=(n_tiles,), chunks=(1,), dtype="int32", fill_value=-1)
+    g.attrs.update(want)
+
+
+def write_sample(path: str, index: int, values: np.ndarray, so=None) -> None:
+    """Store tile ``index``'s sample ``(n, band)`` (from the task that composited it)."""
+    g = open_group(path, so)[SAMPLE_GROUP]
+    g["pixels"][index, : len(values)] = values
+    g["count"][index] = len(values)
+
+
+def read_sample(path: str, attrs: Mapping[str, Any], so=None) -> np.ndarray | None:
+    """The stored sample ``(n, band)`` if every tile wrote its part for these ``attrs``."""
+    root = open_group(path, so, mode="r")
+    if SAMPLE_GROUP not in root:
+        return None
+    g = root[SAMPLE_GROUP]
+    if any(g.attrs.get(k) != v for k, v in _jsonable(dict(attrs)).items()):
+        return None
+    count = np.asarray(g["count"][:])
+    if (count < 0).any():
+        return None
+    pixels = np.asarray(g["pixels"][:])
+    keep = np.arange(pixels.shape[1])[None, :] < count[:, None]
+    return pixels[keep]
+
+
 def band_kinds(path: str, storage_options=None) -> list[str]:
     """The kind of each composite band (``reflectance``, ``backscatter_db``, ``radiance``)."""
     return list(open_group(path, storage_options, mode="r")["composite"].attrs["band_kind"])
