@@ -181,12 +181,12 @@ def _sample_seed(cfg: Config, index: int) -> int:
     return cfg.model.seed * 1_000_003 + index
 
 
-def _store_sample(path: str, so: dict, index: int, block: np.ndarray, n: int, seed: int) -> None:
-    store.write_sample(path, index, sample_tile(block, n, seed), so)
-
-
-def _done(*_) -> None:
-    return None
+def _write_composite(
+    path: str, so: dict, tile: Tile, index: int, data: np.ndarray, n: int, seed: int
+) -> None:
+    """One task's end: write the tile's composite and its share of the fit's sample."""
+    store.write_arrays(path, tile, {"composite": data}, so)
+    store.write_sample(path, index, sample_tile(data, n, seed), so)
 
 
 def composite_pass(
@@ -205,12 +205,10 @@ def composite_pass(
         data, _, _, _ = tile_composite(
             sources, t.bounds, resolution=grid.resolution, sign=cfg.stac.sign, read=cfg.read
         )
-        write = store.write_tile(path, t, {"composite": (("band", "y", "x"), data)}, so)
-        i = index[t.id]
-        sample = dask.delayed(_store_sample, pure=True)(
-            path, so, i, data, shares[t.id], _sample_seed(cfg, i)
+        i = index[t.id]  # one consumer of the tile's composite: it is computed once
+        return dask.delayed(_write_composite, pure=True)(
+            path, so, t, i, data, shares[t.id], _sample_seed(cfg, i)
         )
-        return dask.delayed(_done)(write, sample)
 
     return _tile_pass(
         client, cfg, grid, build, done_code=store.COMPOSITED, desc="composite", progress=progress
