@@ -322,7 +322,19 @@ def _inner(t: Tile, ys: slice, xs: slice) -> tuple[slice, slice]:
     )
 
 
-def _tile_term_fractions(path, so, t, ys, xs, names, kinds, pilot, sigma_px, k, cell_px):
+def _tile_term_fractions(
+    path: str,
+    so: dict,
+    t: Tile,
+    ys: slice,
+    xs: slice,
+    names: Sequence[str],
+    kinds: Sequence[str],
+    pilot,
+    sigma_px: float,
+    k: int,
+    cell_px: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """One task: the tile's covariate-weighted fractions and each raw term's maximum."""
     labels, layers = _window_terms(path, so, ys, xs, names, kinds, pilot, sigma_px)
     iy, ix = _inner(t, ys, xs)
@@ -333,7 +345,8 @@ def _tile_term_fractions(path, so, t, ys, xs, names, kinds, pilot, sigma_px, k, 
 
 def term_fractions(
     client: Client,
-    ds: tuple[str, dict],
+    path: str,
+    so: dict,
     grid: Grid,
     names: Sequence[str],
     pilot,
@@ -343,14 +356,11 @@ def term_fractions(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Covariate-weighted cluster fractions of the whole region, each term scaled to [0, 1].
 
-    ``ds`` is the store's ``(path, storage_options)``.
-
     Returns ``(y_cell, x_cell, m · k)`` fractions and the ``(m,)`` scales (the largest value of
     each raw term in the region) that the predict pass divides the terms by.
     """
     halo = terms.context_halo(sigma_px, grid.cell_px) if "context" in names else 0
     pilot_d = dask.delayed(None if pilot is None else np.asarray(pilot), pure=True)
-    path, so = ds
     kinds = store.band_kinds(path, so)
 
     def task(t: Tile):
@@ -420,7 +430,7 @@ def density_fit(client: Client, cfg: Config, grid: Grid, model: PixelModel) -> d
         names = []
     if names:
         W, scale = term_fractions(
-            client, (path, so), grid, names, pilot, sigma_px, k, batch=cfg.cluster.batch_tiles
+            client, path, so, grid, names, pilot, sigma_px, k, batch=cfg.cluster.batch_tiles
         )
         X_terms = np.hstack([F, W.reshape(-1, W.shape[-1]).astype(np.float64)])
         cv_terms = cross_validate(X_terms)
