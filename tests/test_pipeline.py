@@ -135,3 +135,27 @@ def test_bad_config_is_one_clear_error(tmp_path, capsys):
     assert cli.main(["run", str(path)]) == 2
     err = capsys.readouterr().err
     assert "sources.sentinel2: Field required" in err and "census: Field required" in err
+
+
+def test_fit_without_a_stored_sample_draws_the_same_one(finished, dask_cluster, tmp_path):
+    """A store composited before the composite tasks drew the sample (or with other sample
+    settings) is sampled from its stored composites: the same pixels, the same model."""
+    import shutil
+
+    import zarr
+    from distributed import Client
+
+    from popdask.pipeline import fit_pass
+
+    cfg = load_config(finished, overrides=[f"output.path={tmp_path / 'copy.zarr'}"])
+    shutil.copytree(load_config(finished).output.path, cfg.output.path)
+    root = zarr.open_group(cfg.output.path, mode="r+")
+    stored = PixelModel.from_arrays(*store.load_arrays(cfg.output.path, "model"))
+    del root["model"], root["sample"]
+    with Client(dask_cluster) as client:
+        model = fit_pass(client, cfg, cfg.make_grid())
+    np.testing.assert_allclose(model.centroids, stored.centroids, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.components, stored.components, rtol=1e-5, atol=1e-6)
+    refit = store.load_arrays(cfg.output.path, "model")[1]
+    first = store.load_arrays(load_config(finished).output.path, "model")[1]
+    assert refit["sample_pixels"] == first["sample_pixels"]
