@@ -90,3 +90,21 @@ def test_bbox_lonlat_is_transformed():
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="no such configuration file"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_terms_default_and_what_the_bands_allow():
+    from popdask.pipeline import active_terms
+
+    cfg = config_from_dict(BASE)
+    assert cfg.regression.terms == ["intensity", "context"]
+    assert cfg.regression.context_radius == 200.0
+    s2, s1, lights = ["reflectance"] * 11, ["backscatter_db"] * 2, ["radiance"]
+    assert active_terms(cfg, s2 + s1 + lights) == ["intensity", "context"]
+    assert active_terms(cfg, s2 + lights) == ["intensity", "context"]  # lights alone
+    assert active_terms(cfg, s2) == ["context"]  # Sentinel-2 only: no intensity
+    plain = config_from_dict({**BASE, "regression": {"terms": []}})
+    assert active_terms(plain, s2 + s1 + lights) == []
+    with pytest.raises(ConfigError, match="terms"):
+        config_from_dict({**BASE, "regression": {"terms": ["height"]}})
+    with pytest.raises(ConfigError, match="context_radius"):
+        config_from_dict({**BASE, "regression": {"context_radius": 0}})
