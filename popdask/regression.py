@@ -150,10 +150,15 @@ _OPTIONS = {
 # --------------------------------------------------------------------------------------------
 
 
-def _fractions_block(block: np.ndarray, n_clusters: int, cell_px: int) -> np.ndarray:
-    """Counts per cell and cluster of one numpy block, divided by ``cell_px**2`` (float32)."""
-    ny, nx = block.shape[0] // cell_px, block.shape[1] // cell_px
-    labels = np.asarray(block)
+def cell_cluster_index(
+    labels: np.ndarray, n_clusters: int, cell_px: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(index, valid)``: for each labelled pixel (``valid``), ``cell · n_clusters + label``,
+    the bin of its (cell, cluster) pair in a ``np.bincount`` of ``cells × n_clusters`` bins.
+
+    Raises ValueError if a label is outside ``[-1, n_clusters - 1]``.
+    """
+    labels = np.asarray(labels)
     if labels.size:
         lo, hi = int(labels.min()), int(labels.max())
         if lo < -1 or hi >= n_clusters:
@@ -161,11 +166,19 @@ def _fractions_block(block: np.ndarray, n_clusters: int, cell_px: int) -> np.nda
                 f"labels must lie in [-1, {n_clusters - 1}] (n_clusters={n_clusters}, "
                 f"-1 = no data); found values from {lo} to {hi}"
             )
+    nx = labels.shape[1] // cell_px
     valid = labels >= 0
     row_cell = np.arange(labels.shape[0]) // cell_px
     col_cell = np.arange(labels.shape[1]) // cell_px
     cell = row_cell[:, None] * nx + col_cell[None, :]
     index = cell[valid].astype(np.int64) * n_clusters + labels[valid].astype(np.int64)
+    return index, valid
+
+
+def _fractions_block(block: np.ndarray, n_clusters: int, cell_px: int) -> np.ndarray:
+    """Counts per cell and cluster of one numpy block, divided by ``cell_px**2`` (float32)."""
+    ny, nx = block.shape[0] // cell_px, block.shape[1] // cell_px
+    index, _ = cell_cluster_index(block, n_clusters, cell_px)
     counts = np.bincount(index, minlength=ny * nx * n_clusters)
     out = counts.reshape(ny, nx, n_clusters).astype(np.float32)
     out /= np.float32(cell_px * cell_px)

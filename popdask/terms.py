@@ -36,6 +36,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from popdask.composite import BACKSCATTER, RADIANCE
+from popdask.regression import cell_cluster_index
 
 TERMS = ("intensity", "context")
 LIGHTS_SATURATION = 100.0  # nW cm-2 sr-1: log1p scaled so that this radiance maps to 1
@@ -150,11 +151,7 @@ def weighted_fractions(
     if w.ndim != 3 or w.shape[1:] != lab.shape:
         raise ValueError(f"weights {w.shape} do not match labels {lab.shape} as (terms, y, x)")
     ny, nx = lab.shape[0] // cell_px, lab.shape[1] // cell_px
-    valid = lab >= 0
-    cell = (np.arange(lab.shape[0]) // cell_px)[:, None] * nx + (
-        np.arange(lab.shape[1]) // cell_px
-    )[None, :]
-    index = cell[valid].astype(np.int64) * n_clusters + lab[valid].astype(np.int64)
+    index, valid = cell_cluster_index(lab, n_clusters, cell_px)
     out = np.empty((ny, nx, w.shape[0] * n_clusters), np.float32)
     for m in range(w.shape[0]):
         sums = np.bincount(
