@@ -42,14 +42,19 @@ def transform(values: np.ndarray, kinds: Sequence[str], *, axis: int = 0) -> np.
     out = np.empty_like(values)
     v = np.moveaxis(values, axis, 0)
     o = np.moveaxis(out, axis, 0)
+    # in place, band by band: no temporaries (each would be a fresh, page-faulting
+    # allocation on a dask worker, whose malloc returns freed memory at once)
     with np.errstate(invalid="ignore", divide="ignore"):
         for i, kind in enumerate(kinds):
             if kind == REFLECTANCE:
-                o[i] = np.log(np.maximum(v[i], 0.0) + REFLECTANCE_OFFSET)
+                np.maximum(v[i], 0.0, out=o[i])
+                o[i] += np.float32(REFLECTANCE_OFFSET)
+                np.log(o[i], out=o[i])
             elif kind == BACKSCATTER:
-                o[i] = np.clip(v[i], *DB_RANGE)
+                np.clip(v[i], *DB_RANGE, out=o[i])
             elif kind == RADIANCE:
-                o[i] = np.log1p(np.maximum(v[i], 0.0))
+                np.maximum(v[i], 0.0, out=o[i])
+                np.log1p(o[i], out=o[i])
             else:
                 raise ValueError(f"unknown band kind {kind!r}")
     return out

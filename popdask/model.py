@@ -95,11 +95,19 @@ class PixelModel:
         x, valid = self._features(composite, axis=0)  # band-major: contiguous per band
         x = x.reshape(nb, -1)
         _, _, a, c = self._affine
-        lab = np.empty(x.shape[1], np.int16)
-        for i in range(0, x.shape[1], BLOCK_PIXELS):  # blocks that stay in cache: 2× faster
-            d = np.ascontiguousarray(x[:, i : i + BLOCK_PIXELS].T) @ a
-            d += c
-            lab[i : i + BLOCK_PIXELS] = d.argmin(axis=1)
+        n = x.shape[1]
+        lab = np.empty(n, np.int16)
+        # blocks that stay in cache (2× faster), through buffers made once per tile
+        step = min(BLOCK_PIXELS, n)
+        xb, d = np.empty((step, nb), np.float32), np.empty((step, len(c)), np.float32)
+        best = np.empty(step, np.intp)
+        for i in range(0, n, step):
+            m = min(step, n - i)
+            xb[:m] = x[:, i : i + m].T
+            np.matmul(xb[:m], a, out=d[:m])
+            d[:m] += c
+            np.argmin(d[:m], axis=1, out=best[:m])
+            lab[i : i + m] = best[:m]
         lab[~valid.ravel()] = NODATA_LABEL
         return lab.reshape(ny, nx)
 

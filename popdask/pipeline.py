@@ -70,14 +70,15 @@ def _run_tiles(
     batch: int,
     desc: str,
     progress: bool,
-) -> list[str]:
+) -> dict[str, Any]:
     """Compute ``build(tile)`` (a delayed write) for every tile, in batches.
 
     Each tile is marked ``done_code`` as soon as its write has finished, or failed (-1).
-    Returns the ids of the tiles computed. Raises :class:`PipelineError` if any failed.
+    Returns ``{tile id: task result}`` of the tiles computed. Raises :class:`PipelineError`
+    if any failed.
     """
     failed: dict[str, str] = {}
-    done: list[str] = []
+    done: dict[str, Any] = {}
     bar = tqdm(total=len(tiles), desc=desc, unit="tile", disable=not progress)
     for start in range(0, len(tiles), batch):
         chunk = tiles[start : start + batch]
@@ -93,7 +94,7 @@ def _run_tiles(
         for fut in as_completed(list(futures)):
             t = futures[fut]
             try:
-                fut.result()
+                value = fut.result()
             except Exception as e:
                 failed[t.id] = f"{type(e).__name__}: {e}"
                 log.error(
@@ -105,7 +106,7 @@ def _run_tiles(
                 store.set_status(path, [t], store.FAILED, storage_options)
             else:
                 store.set_status(path, [t], done_code, storage_options)
-                done.append(t.id)
+                done[t.id] = value
             finally:
                 fut.release()
                 bar.update()
@@ -131,8 +132,9 @@ def _tile_pass(
     done_code: int,
     desc: str,
     progress: bool,
-) -> list[str]:
-    """Run ``build`` on every tile whose status is below ``done_code`` (the resume)."""
+) -> dict[str, Any]:
+    """Run ``build`` on every tile whose status is below ``done_code`` (the resume);
+    ``{tile id: result}`` of the tiles computed."""
     path, so = cfg.output.store, cfg.output.storage_options
     status = store.tile_status(path, so)
     todo = [t for t in grid.tiles() if status[t.row, t.col] < done_code]
@@ -256,24 +258,6 @@ def fit_pass(client: Client, cfg: Config, grid: Grid) -> PixelModel:
 # --------------------------------------------------------------------------------------
 # Pass 3: labels, densities, prediction
 # --------------------------------------------------------------------------------------
-def _label_tile(path: str, so: dict, tile: Tile, model: PixelModel) -> None:
-    """One task: read the tile's composite, label it, write ``cluster``."""
-    comp = store.read_window(path, "composite", tile.ys, tile.xs, so)
-    store.write_arrays(path, tile, {"cluster": model.labels(comp)}, so)
-
-
-def label_pass(client: Client, cfg: Config, grid: Grid, model: PixelModel, *, progress: bool):
-    path, so = cfg.output.store, dict(cfg.output.storage_options)
-    model_d = dask.delayed(model, pure=True)
-
-    def build(t: Tile):
-        return dask.delayed(_label_tile, pure=True)(path, so, t, model_d)
-
-    return _tile_pass(
-        client, cfg, grid, build, done_code=store.LABELLED, desc="label", progress=progress
-    )
-
-
 def cv_groups(grid: Grid, block: float = CV_BLOCK) -> np.ndarray:
     """``(y_cell, x_cell)`` spatial block id of each cell, for grouped cross-validation."""
     return regression.block_groups(grid.cell_shape, int(block // grid.cell))
@@ -283,6 +267,68 @@ def active_terms(cfg: Config, kinds: Sequence[str]) -> list[str]:
     """The configured covariate terms this run's bands allow (intensity needs lights or radar)."""
     lights, radar = terms.intensity_bands(kinds)
     return [t for t in cfg.regression.terms if t != "intensity" or lights or radar]
+
+
+TileCells = tuple[np.ndarray, "np.ndarray | None", float]
+
+
+def _tile_cells(
+    labels: np.ndarray,
+    comp: np.ndarray | None,
+    kinds: Sequence[str],
+    k: int,
+    cell_px: int,
+) -> TileCells:
+    """A tile's cluster fractions per cell and, when ``comp`` (its composite bands, or just
+    the intensity bands in the order of ``kinds``) is given, its raw intensity-weighted
+    fractions and largest intensity (the terms that need no pilot fit)."""
+    fr = regression.cell_fractions(labels, k, cell_px=cell_px)
+    if comp is None:
+        return fr, None, 0.0
+    li, ri = terms.intensity_bands(kinds)
+    layer = terms.intensity(comp[li] if li else None, comp[ri] if ri else None)
+    top = float(layer.max()) if layer.size else 0.0
+    return fr, terms.weighted_fractions(labels, layer[None], k, cell_px), top
+
+
+def _label_tile(
+    path: str, so: dict, tile: Tile, model: PixelModel, intensity: bool, cell_px: int
+) -> TileCells:
+    """One task: read the tile's composite, label it, write ``cluster``; return its cells'
+    fractions (and intensity-weighted fractions) while the composite is in memory."""
+    comp = store.read_window(path, "composite", tile.ys, tile.xs, so)
+    labels = model.labels(comp)
+    store.write_arrays(path, tile, {"cluster": labels}, so)
+    return _tile_cells(labels, comp if intensity else None, model.kinds, model.n_clusters, cell_px)
+
+
+def _stored_cells(
+    path: str, so: dict, tile: Tile, kinds: Sequence[str], k: int, intensity: bool, cell_px: int
+) -> TileCells:
+    """One task: what :func:`_label_tile` returns, from a tile labelled by an earlier run."""
+    labels = store.read_window(path, "cluster", tile.ys, tile.xs, so)
+    if not intensity:
+        return _tile_cells(labels, None, kinds, k, cell_px)
+    li, ri = terms.intensity_bands(kinds)
+    comp = store.read_window(path, "composite", tile.ys, tile.xs, so, index=li + ri)
+    return _tile_cells(labels, comp, [kinds[i] for i in li + ri], k, cell_px)
+
+
+def label_pass(
+    client: Client, cfg: Config, grid: Grid, model: PixelModel, *, progress: bool
+) -> dict[str, TileCells]:
+    """Label every tile not labelled yet; ``{tile id: its cells' fractions}`` of those."""
+    path, so = cfg.output.store, dict(cfg.output.storage_options)
+    intensity = "intensity" in active_terms(cfg, model.kinds)
+
+    def build(t: Tile):
+        # the model rides in each small graph: as a task of its own, it would pull every
+        # tile's task to the worker that holds it
+        return dask.delayed(_label_tile, pure=True)(path, so, t, model, intensity, grid.cell_px)
+
+    return _tile_pass(
+        client, cfg, grid, build, done_code=store.LABELLED, desc="label", progress=progress
+    )
 
 
 def _window_terms(
@@ -322,71 +368,106 @@ def _inner(t: Tile, ys: slice, xs: slice) -> tuple[slice, slice]:
     )
 
 
-def _tile_term_fractions(
+def _tile_context_fractions(
     path: str,
     so: dict,
     t: Tile,
     ys: slice,
     xs: slice,
-    names: Sequence[str],
-    kinds: Sequence[str],
-    pilot,
+    pilot: np.ndarray,
     sigma_px: float,
     k: int,
     cell_px: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """One task: the tile's covariate-weighted fractions and each raw term's maximum."""
-    labels, layers = _window_terms(path, so, ys, xs, names, kinds, pilot, sigma_px)
+) -> tuple[np.ndarray, float]:
+    """One task: the tile's context-weighted fractions and its largest context value."""
+    labels = store.read_window(path, "cluster", ys, xs, so)
     iy, ix = _inner(t, ys, xs)
-    lay = layers[:, iy, ix]
-    top = lay.reshape(len(lay), -1).max(axis=1) if lay.size else np.zeros(len(lay))
-    return terms.weighted_fractions(labels[iy, ix], lay, k, cell_px), top
+    layer = terms.context(labels, pilot, sigma_px)[iy, ix]
+    top = float(layer.max()) if layer.size else 0.0
+    return terms.weighted_fractions(labels[iy, ix], layer[None], k, cell_px), top
 
 
-def term_fractions(
+def context_fractions(
     client: Client,
     path: str,
     so: dict,
     grid: Grid,
-    names: Sequence[str],
-    pilot,
+    pilot: np.ndarray,
     sigma_px: float,
     k: int,
     batch: int = 16,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Covariate-weighted cluster fractions of the whole region, each term scaled to [0, 1].
-
-    Returns ``(y_cell, x_cell, m · k)`` fractions and the ``(m,)`` scales (the largest value of
-    each raw term in the region) that the predict pass divides the terms by.
-    """
-    halo = terms.context_halo(sigma_px, grid.cell_px) if "context" in names else 0
-    pilot_d = dask.delayed(None if pilot is None else np.asarray(pilot), pure=True)
-    kinds = store.band_kinds(path, so)
+) -> tuple[np.ndarray, float]:
+    """Raw context-weighted cluster fractions of the whole region ``(y_cell, x_cell, k)``
+    and the largest context value (each tile read with the halo its context needs)."""
+    halo = terms.context_halo(sigma_px, grid.cell_px)
+    pilot = np.asarray(pilot, np.float64)
 
     def task(t: Tile):
         ys, xs = grid.expand(t, halo)
-        return dask.delayed(_tile_term_fractions, pure=True)(
-            path, so, t, ys, xs, list(names), kinds, pilot_d, sigma_px, k, grid.cell_px
+        return dask.delayed(_tile_context_fractions, pure=True)(
+            path, so, t, ys, xs, pilot, sigma_px, k, grid.cell_px
         )
 
-    out = np.zeros((*grid.cell_shape, len(names) * k), np.float32)
-    top = np.zeros(len(names))
+    out = np.zeros((*grid.cell_shape, k), np.float32)
+    top = 0.0
     for t, (arr, tmax) in _gather_tiles(client, grid.tiles(), task, batch):
         out[t.ys_cell, t.xs_cell] = arr
-        top = np.maximum(top, tmax)
-    scale = np.where(top > 0, top, 1.0)
-    out /= np.repeat(scale, k).astype(np.float32)
-    return out, scale
+        top = max(top, tmax)
+    return out, top
 
 
-def _tile_fractions(path: str, so: dict, t: Tile, k: int, cell_px: int) -> np.ndarray:
-    """One task: the tile's cluster fractions per cell, from its stored labels."""
-    labels = store.read_window(path, "cluster", t.ys, t.xs, so)
-    return regression.cell_fractions(labels, k, cell_px=cell_px)
+def _region_cells(
+    client: Client,
+    cfg: Config,
+    grid: Grid,
+    model: PixelModel,
+    cells: dict[str, TileCells],
+    intensity: bool,
+) -> tuple[np.ndarray, np.ndarray | None, float]:
+    """The region's fractions ``(y_cell, x_cell, k)`` (float64) and, with ``intensity``,
+    raw intensity-weighted fractions and the largest intensity: from the label pass's
+    results, and from the store for tiles labelled by an earlier run. Consumes ``cells``."""
+    path, so = cfg.output.store, dict(cfg.output.storage_options)
+    k = model.n_clusters
+    kinds = list(model.kinds)
+    fractions = np.zeros((*grid.cell_shape, k), np.float64)
+    wint = np.zeros((*grid.cell_shape, k), np.float32) if intensity else None
+    top = 0.0
+
+    def put(t: Tile, value: TileCells) -> None:
+        nonlocal top
+        fr, wi, tmax = value
+        fractions[t.ys_cell, t.xs_cell] = fr
+        if wint is not None:
+            wint[t.ys_cell, t.xs_cell] = wi
+            top = max(top, tmax)
+
+    missing = []
+    for t in grid.tiles():
+        if t.id in cells:
+            put(t, cells.pop(t.id))
+        else:
+            missing.append(t)
+
+    def task(t: Tile):
+        return dask.delayed(_stored_cells, pure=True)(
+            path, so, t, kinds, k, intensity, grid.cell_px
+        )
+
+    for t, value in _gather_tiles(client, missing, task, cfg.cluster.batch_tiles):
+        put(t, value)
+    return fractions, wint, top
 
 
-def density_fit(client: Client, cfg: Config, grid: Grid, model: PixelModel) -> dict[str, Any]:
-    """Cluster fractions per cell from the stored labels, then the bounded fit.
+def density_fit(
+    client: Client,
+    cfg: Config,
+    grid: Grid,
+    model: PixelModel,
+    cells: dict[str, TileCells] | None = None,
+) -> dict[str, Any]:
+    """Cluster fractions per cell (``cells`` from the label pass, the store for the rest),
+    then the bounded fit.
 
     With covariate terms (``regression.terms``), a pilot fit on the fractions alone comes
     first (the context term paints its densities); the final fit is on the fractions and the
@@ -395,20 +476,16 @@ def density_fit(client: Client, cfg: Config, grid: Grid, model: PixelModel) -> d
     path, so = cfg.output.store, dict(cfg.output.storage_options)
     ds = store.open_store(path, so)
     k = model.n_clusters
-
-    def task(t: Tile):
-        return dask.delayed(_tile_fractions, pure=True)(path, so, t, k, grid.cell_px)
-
-    fractions = np.zeros((*grid.cell_shape, k), np.float64)
-    for t, fr in _gather_tiles(client, grid.tiles(), task, cfg.cluster.batch_tiles):
-        fractions[t.ys_cell, t.xs_cell] = fr
+    names = active_terms(cfg, model.kinds)
+    fractions, wint, int_top = _region_cells(
+        client, cfg, grid, model, dict(cells or {}), "intensity" in names
+    )
     F = fractions.reshape(-1, k)
     census = ds.census.values.reshape(-1).astype(np.float64)
     valid = F.sum(axis=1)
     usable = np.isfinite(census) & (census >= 0) & (valid >= cfg.regression.min_valid)
     pop = np.where(usable, census, np.nan)
     groups = cv_groups(grid).reshape(-1)
-    names = active_terms(cfg, model.kinds)
     sigma_px = terms.context_sigma_px(cfg.regression.context_radius, grid.resolution)
     n_groups = len(np.unique(groups[usable]))
     n_splits = min(5, n_groups)
@@ -429,10 +506,21 @@ def density_fit(client: Client, cfg: Config, grid: Grid, model: PixelModel) -> d
         log.info("regression: one spatial group only, the terms cannot be checked; fitting none")
         names = []
     if names:
-        W, scale = term_fractions(
-            client, path, so, grid, names, pilot, sigma_px, k, batch=cfg.cluster.batch_tiles
-        )
-        X_terms = np.hstack([F, W.reshape(-1, W.shape[-1]).astype(np.float64)])
+        columns, tops = [], []
+        for name in names:  # each term's raw weighted fractions and its largest value
+            if name == "intensity":
+                columns.append(wint)
+                tops.append(int_top)
+            else:
+                wctx, ctx_top = context_fractions(
+                    client, path, so, grid, pilot, sigma_px, k, batch=cfg.cluster.batch_tiles
+                )
+                columns.append(wctx)
+                tops.append(ctx_top)
+        scale = np.array([t if t > 0 else 1.0 for t in tops])
+        W = [c.reshape(-1, k) / np.float32(s) for c, s in zip(columns, scale, strict=True)]
+        X_terms = np.hstack([F, *(w.astype(np.float64) for w in W)])
+        del columns, W
         cv_terms = cross_validate(X_terms)
         # kept only where the protocol shows a gain: out-of-fold MAE at 1 km not worse
         if cv_terms["mae"] <= cv["mae"]:
@@ -530,9 +618,11 @@ def predict_pass(
     if "context" in names:
         halo += terms.context_halo(sigma_px, grid.cell_px)
     cpx = grid.cell_px
-    dens_d = dask.delayed(np.asarray(fit["densities"]), pure=True)
+    # small arrays ride in each tile's graph (as tasks of their own they would pull every
+    # tile's task to the worker that holds them)
+    dens = np.asarray(fit["densities"])
     pilot = fit.get("pilot")
-    pilot_d = dask.delayed(None if pilot is None else np.asarray(pilot), pure=True)
+    pilot = None if pilot is None else np.asarray(pilot)
     kinds = store.band_kinds(path, so)
 
     def build(t: Tile):
@@ -549,10 +639,10 @@ def predict_pass(
             ys,
             xs,
             cen,
-            dens_d,
+            dens,
             names=list(names),
             kinds=kinds,
-            pilot=pilot_d,
+            pilot=pilot,
             sigma_px=sigma_px,
             scale=fit.get("term_scale"),
             cell_px=cpx,
@@ -691,7 +781,7 @@ def run(
     timings["search"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    computed["composite"] = composite_pass(client, cfg, grid, sources, progress=progress)
+    computed["composite"] = list(composite_pass(client, cfg, grid, sources, progress=progress))
     timings["composite"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -699,14 +789,15 @@ def run(
     timings["fit"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    computed["label"] = label_pass(client, cfg, grid, model, progress=progress)
+    cells = label_pass(client, cfg, grid, model, progress=progress)
+    computed["label"] = list(cells)
     timings["label"] = time.perf_counter() - t
     t = time.perf_counter()
-    fit = density_fit(client, cfg, grid, model)
+    fit = density_fit(client, cfg, grid, model, cells)
     timings["cv"] = fit["seconds"]["cv"]  # the reported cross-validation, not the fit
     timings["regression"] = time.perf_counter() - t - timings["cv"]
     t = time.perf_counter()
-    computed["predict"] = predict_pass(client, cfg, grid, fit, progress=progress)
+    computed["predict"] = list(predict_pass(client, cfg, grid, fit, progress=progress))
     timings["predict"] = time.perf_counter() - t
     timings["label_predict"] = timings["label"] + timings["regression"] + timings["predict"]
 
