@@ -34,7 +34,7 @@ from popdask.census import read_census
 from popdask.config import Config
 from popdask.grid import Grid, Tile
 from popdask.model import PixelModel, fit_model, sample_tile
-from popdask.predict import halo_px, predict_window
+from popdask.predict import halo_px, predict_window, window_cells
 from popdask.sources import SourceItems, region_lonlat, search_sources, tile_composite
 
 log = logging.getLogger(__name__)
@@ -399,7 +399,7 @@ def context_fractions(
 ) -> tuple[np.ndarray, float]:
     """Raw context-weighted cluster fractions of the whole region ``(y_cell, x_cell, k)``
     and the largest context value (each tile read with the halo its context needs)."""
-    halo = terms.context_halo(sigma_px, grid.cell_px)
+    halo = terms.context_halo(sigma_px)
     pilot = np.asarray(pilot, np.float64)
 
     def task(t: Tile):
@@ -535,7 +535,8 @@ def density_fit(
             names, scale = [], None
     densities = pilot if X is F else regression.fit_densities(X, pop, groups)
     fit_s = time.perf_counter() - t0 - cv_s
-    insample = regression.scores(pop, regression.predict_cells(X, densities))
+    counts = regression.predict_cells(X, densities)  # the model count of every cell
+    insample = regression.scores(pop, counts)
     arrays = {"densities": densities, "design": X.astype(np.float32)}
     if "context" in names:
         arrays["pilot"] = pilot
@@ -559,6 +560,7 @@ def density_fit(
     )
     return {
         "densities": densities,
+        "counts": counts,
         "pilot": pilot if "context" in names else None,
         "terms": names,
         "term_scale": scale,
@@ -575,9 +577,10 @@ def _predict_tile(
     path: str,
     so: dict,
     t: Tile,
-    ys: slice,
-    xs: slice,
+    window: tuple[slice, slice],
+    read: tuple[slice, slice],
     census,
+    counts,
     densities,
     *,
     names: Sequence[str],
@@ -589,56 +592,70 @@ def _predict_tile(
     resolution: float,
     sigma: float,
 ) -> None:
-    """One task: read the tile's window (labels, terms), predict, write the tile."""
+    """One task: read the tile's labels and terms, predict, write the tile.
+
+    ``window`` is the tile with the smoothing's halo; ``read`` holds it with the context's
+    halo on top (the terms are computed there, then cut to ``window``).
+    """
+    ys, xs = read
     if names:
         labels, layers = _window_terms(path, so, ys, xs, names, kinds, pilot, sigma_px, scale)
     else:
         labels, layers = store.read_window(path, "cluster", ys, xs, so), None
+    wy, wx = window
+    cut = (
+        slice(wy.start - ys.start, wy.stop - ys.start),
+        slice(wx.start - xs.start, wx.stop - xs.start),
+    )
     res = predict_window(
-        labels,
+        labels[cut],
         census,
         densities,
         cell_px=cell_px,
         resolution=resolution,
         sigma=sigma,
-        inner=_inner(t, ys, xs),
-        terms=layers,
+        inner=_inner(t, wy, wx),
+        terms=None if layers is None else layers[(slice(None), *cut)],
+        offset=(wy.start % cell_px, wx.start % cell_px),
+        counts=counts,
     )
     store.write_arrays(path, t, res, so)
 
 
 def predict_pass(
     client: Client, cfg: Config, grid: Grid, fit: dict[str, Any], *, progress: bool
-) -> list[str]:
+) -> dict[str, Any]:
+    """Population, density and cell estimates of every tile not complete yet.
+
+    Each tile is read with a halo of the smoothing's kernel radius (plus the context's, for
+    its labels); the cells that halo cuts are rescaled with the fit's model counts.
+    """
     path, so = cfg.output.store, dict(cfg.output.storage_options)
     census = store.open_store(path, so).census.values if cfg.regression.rescale else None
     sigma = cfg.regression.smooth_sigma
     names, sigma_px = fit.get("terms") or [], fit.get("context_sigma_px", 0.0)
-    halo = halo_px(sigma, grid.cell_px)
-    if "context" in names:
-        halo += terms.context_halo(sigma_px, grid.cell_px)
+    halo = halo_px(sigma)
+    extra = terms.context_halo(sigma_px) if "context" in names else 0
     cpx = grid.cell_px
     # small arrays ride in each tile's graph (as tasks of their own they would pull every
     # tile's task to the worker that holds them)
     dens = np.asarray(fit["densities"])
+    counts = np.asarray(fit["counts"], np.float64).reshape(grid.cell_shape)
     pilot = fit.get("pilot")
     pilot = None if pilot is None else np.asarray(pilot)
     kinds = store.band_kinds(path, so)
 
     def build(t: Tile):
-        ys, xs = grid.expand(t, halo)
-        cen = (
-            None
-            if census is None
-            else census[ys.start // cpx : ys.stop // cpx, xs.start // cpx : xs.stop // cpx]
-        )
+        wy, wx = grid.expand(t, halo)
+        cells = (window_cells(wy.start, wy.stop, cpx), window_cells(wx.start, wx.stop, cpx))
         return dask.delayed(_predict_tile, pure=True)(
             path,
             so,
             t,
-            ys,
-            xs,
-            cen,
+            (wy, wx),
+            grid.expand(t, halo + extra),
+            None if census is None else census[cells],
+            counts[cells],
             dens,
             names=list(names),
             kinds=kinds,

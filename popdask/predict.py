@@ -66,14 +66,30 @@ def rescale(population: np.ndarray, census: np.ndarray, cell_px: int) -> np.ndar
     census = np.asarray(census, dtype=np.float64)
     if census.shape != pred.shape:
         raise ValueError(f"census {census.shape} does not match the cells {pred.shape}")
+    rows, cols = (np.arange(n) // cell_px for n in population.shape)
+    return _rescale(population, census, pred, cell_px, rows, cols)
+
+
+def _rescale(
+    population: np.ndarray,
+    census: np.ndarray,
+    pred: np.ndarray,
+    cell_px: int,
+    rows: np.ndarray,
+    cols: np.ndarray,
+) -> np.ndarray:
+    """`rescale` given each cell's model count ``pred`` and each pixel row's and column's
+    cell index into ``census``/``pred``."""
     known = np.isfinite(census)
     with np.errstate(divide="ignore", invalid="ignore"):
         factor = np.where(known & (pred > 0), census / pred, 1.0)
     factor[known & (census <= 0)] = 0.0
     even = np.where(known & (pred <= 0) & (census > 0), census / cell_px**2, 0.0)
-    up = np.ones((cell_px, cell_px))
-    out = population * np.kron(factor, up) + np.kron(even, up)
-    return out.astype(np.float32)
+    factor, even = factor.astype(np.float32), even.astype(np.float32)
+    out = population.astype(np.float32)
+    out *= factor[rows[:, None], cols[None, :]]
+    out += even[rows[:, None], cols[None, :]]
+    return out
 
 
 def smooth(population: np.ndarray, sigma: float) -> np.ndarray:
@@ -91,11 +107,16 @@ def to_density(persons_per_px: np.ndarray, resolution: float) -> np.ndarray:
     return (persons_per_px * (1e6 / resolution**2)).astype(np.float32)
 
 
-def halo_px(sigma: float, cell_px: int) -> int:
-    """Halo in pixels a tile needs for smoothing: ≥ the kernel radius, whole cells."""
+def halo_px(sigma: float) -> int:
+    """Halo in pixels a tile needs for its smoothing: the kernel radius."""
     if sigma <= 0:
         return 0
-    return cell_px * math.ceil(TRUNCATE * sigma / cell_px)
+    return math.ceil(TRUNCATE * sigma)
+
+
+def window_cells(start: int, stop: int, cell_px: int) -> slice:
+    """The cells (along one axis) that the pixel window ``start:stop`` touches."""
+    return slice(start // cell_px, -(-stop // cell_px))
 
 
 def predict_window(
@@ -108,42 +129,66 @@ def predict_window(
     sigma: float,
     inner: tuple[slice, slice],
     terms: np.ndarray | None = None,
+    offset: tuple[int, int] = (0, 0),
+    counts: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Population, density and cell estimates for a tile, given it with its halo.
 
     Parameters
     ----------
     labels
-        ``(y, x)`` cluster labels of the tile plus its halo (whole cells).
+        ``(y, x)`` cluster labels of the tile plus its halo (see `halo_px`).
     census
-        ``(y_cell, x_cell)`` census of the same window, or None for no rescaling.
+        ``(y_cell, x_cell)`` census of the cells the window touches, or None for no
+        rescaling.
     densities
         ``(n_clusters,)`` persons per fully covered cell, or ``((1 + m) · n_clusters,)``
         with ``m`` terms.
     cell_px, resolution, sigma
         Cell size in pixels, pixel size in metres, smoothing sigma in pixels.
     inner
-        Pixel slices of the tile inside the window (multiples of ``cell_px``).
+        Pixel slices of the tile inside the window (whole cells).
     terms
         ``(m, y, x)`` covariates of the window when ``densities`` has terms (see
         `pixel_population`).
+    offset
+        Pixels between the first cell's edge and the window's first row and column.
+    counts
+        ``(y_cell, x_cell)`` model count of the cells the window touches (the fit's
+        ``design @ densities``): what rescales the cells the window cuts, whose other
+        pixels it does not hold. Needed when the window cuts cells and ``census`` is given.
 
     Returns
     -------
     dict
         ``population`` and ``density`` ``(y, x)`` of the tile; ``predicted``
-        ``(y_cell, x_cell)`` model estimate per cell before rescaling.
+        ``(y_cell, x_cell)`` model estimate per cell before rescaling (summed from the
+        tile's pixels).
     """
+    ny, nx = labels.shape
+    oy, ox = offset
+    rows, cols = (oy + np.arange(ny)) // cell_px, (ox + np.arange(nx)) // cell_px
     pop = pixel_population(labels, densities, cell_px, terms)
-    predicted = cell_sums(pop, cell_px)
+    # cell sums of the pixels in the window; exact for the cells it holds whole
+    rb, cb = np.flatnonzero(np.diff(rows, prepend=-1)), np.flatnonzero(np.diff(cols, prepend=-1))
+    sums = np.add.reduceat(np.add.reduceat(pop, rb, axis=0, dtype=np.float64), cb, axis=1)
+    whole = (np.diff(rb, append=ny) == cell_px)[:, None] & (np.diff(cb, append=nx) == cell_px)
     if census is not None:
-        pop = rescale(pop, census, cell_px)
+        census = np.asarray(census, np.float64)
+        if census.shape != sums.shape:
+            raise ValueError(
+                f"census {census.shape} does not match the window's cells {sums.shape}"
+            )
+        if counts is None and not whole.all():
+            raise ValueError("the window cuts cells: give their model counts (counts=)")
+        pred = sums if whole.all() else np.where(whole, sums, counts)
+        pop = _rescale(pop, census, pred, cell_px, rows, cols)
     dens = to_density(smooth(pop, sigma), resolution)
     ys, xs = inner
-    cy = slice(ys.start // cell_px, ys.stop // cell_px)
-    cx = slice(xs.start // cell_px, xs.stop // cell_px)
+    cy = slice(rows[ys.start], rows[ys.stop - 1] + 1)
+    cx = slice(cols[xs.start], cols[xs.stop - 1] + 1)
     return {
         "population": pop[ys, xs],
         "density": dens[ys, xs],
-        "predicted": predicted[cy, cx].astype(np.float32),
+        "predicted": sums[cy, cx].astype(np.float32),
     }

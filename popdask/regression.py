@@ -102,6 +102,7 @@ All functions are pure: no I/O, no printing.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -649,11 +650,20 @@ def _small_blas(size: int) -> contextlib.AbstractContextManager:
     """
     if size > 5_000_000:
         return contextlib.nullcontext()
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+    controller = _blas_controller()
+    if controller is None:  # pragma: no cover - threadpoolctl comes with scikit-learn
         return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
+    return controller.limit(limits=1, user_api="blas")
+
+
+@functools.cache
+def _blas_controller():
+    """One threadpoolctl controller per process (finding the libraries takes ~8 ms)."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover
+        return None
+    return ThreadpoolController()
 
 
 def _fit_densities(x: np.ndarray, y: np.ndarray, g: np.ndarray | None, opts: dict) -> np.ndarray:

@@ -73,17 +73,31 @@ def intensity(lights: np.ndarray | None, radar: np.ndarray | None) -> np.ndarray
     """
     if lights is None and radar is None:
         raise ValueError("intensity needs night lights, radar or both")
+    # band by band into one buffer each (no full-stack temporaries)
     out = None
     if lights is not None:
-        rad = np.nan_to_num(np.asarray(lights, np.float32), nan=0.0).mean(axis=0)
-        out = np.log1p(np.maximum(rad, 0.0)) / np.float32(math.log1p(LIGHTS_SATURATION))
-        out = np.clip(out, 0.0, 1.0)
+        lights = np.asarray(lights, np.float32)
+        out = np.zeros(lights.shape[1:], np.float32)
+        for band in lights:
+            out += np.nan_to_num(band, nan=0.0)
+        out /= np.float32(len(lights))
+        np.maximum(out, 0.0, out=out)
+        np.log1p(out, out=out)
+        out /= np.float32(math.log1p(LIGHTS_SATURATION))
+        np.minimum(out, 1.0, out=out)
     if radar is not None:
         lo, hi = DB_RANGE
-        db = np.asarray(radar, np.float32)
-        r = np.clip(np.nan_to_num((db - lo) / (hi - lo), nan=0.0), 0.0, 1.0).mean(axis=0)
-        out = r if out is None else out * r
-    return out.astype(np.float32, copy=False)
+        radar = np.asarray(radar, np.float32)
+        r, tmp = np.zeros(radar.shape[1:], np.float32), np.empty(radar.shape[1:], np.float32)
+        for band in radar:
+            np.subtract(band, np.float32(lo), out=tmp)
+            tmp /= np.float32(hi - lo)
+            np.fmax(tmp, 0.0, out=tmp)  # NaN → 0
+            np.minimum(tmp, 1.0, out=tmp)
+            r += tmp
+        r /= np.float32(len(radar))
+        out = r if out is None else np.multiply(out, r, out=out)
+    return out
 
 
 def context_sigma_px(radius_m: float, resolution: float) -> float:
@@ -91,11 +105,11 @@ def context_sigma_px(radius_m: float, resolution: float) -> float:
     return float(radius_m) / float(resolution)
 
 
-def context_halo(sigma_px: float, cell_px: int) -> int:
-    """Pixels of halo a tile needs for its context: ≥ the kernel radius, whole cells."""
+def context_halo(sigma_px: float) -> int:
+    """Pixels of halo a tile needs for its context: the kernel radius."""
     if sigma_px <= 0:
         return 0
-    return cell_px * math.ceil(TRUNCATE * sigma_px / cell_px)
+    return math.ceil(TRUNCATE * sigma_px)
 
 
 def context(labels: np.ndarray, pilot: np.ndarray, sigma_px: float) -> np.ndarray:

@@ -67,33 +67,73 @@ def test_density_units():
 
 
 def test_tile_with_halo_equals_whole_region():
-    """Predicting tile by tile with a halo gives exactly the whole-region result."""
+    """Predicting tile by tile, each with a halo of the kernel radius that cuts cells, gives
+    the whole-region result (the cut cells are rescaled with the fit's model counts)."""
     rng = np.random.default_rng(0)
     lab = rng.integers(-1, 4, (40, 60)).astype(np.int16)
     census = rng.uniform(0, 900, (8, 12))
+    census[3, 5] = np.nan  # unknown: keeps the model's values
+    census[2, 2] = 0.0
     sigma = 1.5
-    whole = predict_window(
-        lab,
-        census,
-        DENS,
-        cell_px=CPX,
-        resolution=20,
-        sigma=sigma,
-        inner=(slice(0, 40), slice(0, 60)),
-    )
-    h = halo_px(sigma, CPX)
-    assert h % CPX == 0 and h >= 4 * sigma
-    ys, xs = slice(10, 25), slice(20, 40)  # an inner tile
-    wy, wx = slice(ys.start - h, ys.stop + h), slice(xs.start - h, xs.stop + h)
-    part = predict_window(
-        lab[wy, wx],
-        census[wy.start // CPX : wy.stop // CPX, wx.start // CPX : wx.stop // CPX],
-        DENS,
-        cell_px=CPX,
-        resolution=20,
-        sigma=sigma,
-        inner=(slice(h, h + 15), slice(h, h + 20)),
-    )
-    np.testing.assert_allclose(part["density"], whole["density"][ys, xs], rtol=1e-5, atol=1e-3)
-    np.testing.assert_array_equal(part["population"], whole["population"][ys, xs])
-    np.testing.assert_allclose(part["predicted"], whole["predicted"][2:5, 4:8])
+    kw = dict(cell_px=CPX, resolution=20, sigma=sigma)
+    whole = predict_window(lab, census, DENS, inner=(slice(0, 40), slice(0, 60)), **kw)
+    counts = whole["predicted"].astype(np.float64)
+    h = halo_px(sigma)
+    assert h == 6 and h % CPX  # the halo cuts cells
+    for y0 in range(0, 40, 10):
+        for x0 in range(0, 60, 15):
+            wy = slice(max(y0 - h, 0), min(y0 + 10 + h, 40))
+            wx = slice(max(x0 - h, 0), min(x0 + 15 + h, 60))
+            cy = slice(wy.start // CPX, -(-wy.stop // CPX))
+            cx = slice(wx.start // CPX, -(-wx.stop // CPX))
+            part = predict_window(
+                lab[wy, wx],
+                census[cy, cx],
+                DENS,
+                inner=(
+                    slice(y0 - wy.start, y0 - wy.start + 10),
+                    slice(x0 - wx.start, x0 - wx.start + 15),
+                ),
+                offset=(wy.start % CPX, wx.start % CPX),
+                counts=counts[cy, cx],
+                **kw,
+            )
+            ys, xs = slice(y0, y0 + 10), slice(x0, x0 + 15)
+            np.testing.assert_allclose(
+                part["density"], whole["density"][ys, xs], rtol=1e-5, atol=1e-4
+            )
+            np.testing.assert_array_equal(part["population"], whole["population"][ys, xs])
+            np.testing.assert_allclose(
+                part["predicted"],
+                whole["predicted"][y0 // CPX : (y0 + 10) // CPX, x0 // CPX : (x0 + 15) // CPX],
+            )
+    sums = cell_sums(whole["population"], CPX)
+    known = np.isfinite(census)
+    np.testing.assert_allclose(sums[known], census[known], rtol=1e-5, atol=1e-3)
+
+
+def test_a_window_that_cuts_cells_needs_their_counts():
+    lab = np.zeros((12, 12), np.int16)
+    with pytest.raises(ValueError, match="counts="):
+        predict_window(
+            lab,
+            np.full((3, 3), 10.0),
+            DENS,
+            cell_px=CPX,
+            resolution=20,
+            sigma=1.0,
+            inner=(slice(2, 7), slice(2, 7)),
+            offset=(3, 3),
+        )
+    with pytest.raises(ValueError, match="does not match"):
+        predict_window(
+            lab,
+            np.full((4, 4), 10.0),
+            DENS,
+            cell_px=CPX,
+            resolution=20,
+            sigma=1.0,
+            inner=(slice(2, 7), slice(2, 7)),
+            offset=(3, 3),
+            counts=np.ones((4, 4)),
+        )
