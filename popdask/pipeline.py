@@ -272,46 +272,55 @@ def active_terms(cfg: Config, kinds: Sequence[str]) -> list[str]:
 TileCells = tuple[np.ndarray, "np.ndarray | None", float]
 
 
-def _tile_cells(
-    labels: np.ndarray,
-    comp: np.ndarray | None,
-    kinds: Sequence[str],
-    k: int,
-    cell_px: int,
-) -> TileCells:
-    """A tile's cluster fractions per cell and, when ``comp`` (its composite bands, or just
-    the intensity bands in the order of ``kinds``) is given, its raw intensity-weighted
-    fractions and largest intensity (the terms that need no pilot fit)."""
+def _tile_cells(labels: np.ndarray, layer: np.ndarray | None, k: int, cell_px: int) -> TileCells:
+    """A tile's cluster fractions per cell and, given its intensity ``layer``, its raw
+    intensity-weighted fractions and largest intensity (the term that needs no pilot fit)."""
     fr = regression.cell_fractions(labels, k, cell_px=cell_px)
-    if comp is None:
+    if layer is None:
         return fr, None, 0.0
-    li, ri = terms.intensity_bands(kinds)
-    layer = terms.intensity(comp[li] if li else None, comp[ri] if ri else None)
     top = float(layer.max()) if layer.size else 0.0
     return fr, terms.weighted_fractions(labels, layer[None], k, cell_px), top
 
 
+def _intensity(comp: np.ndarray, kinds: Sequence[str]) -> np.ndarray:
+    """The intensity layer of composite bands ``comp`` of the given ``kinds``."""
+    li, ri = terms.intensity_bands(kinds)
+    return terms.intensity(comp[li] if li else None, comp[ri] if ri else None)
+
+
 def _label_tile(
-    path: str, so: dict, tile: Tile, model: PixelModel, intensity: bool, cell_px: int
+    path: str, so: dict, tile: Tile, model: PixelModel, layer: int | None, cell_px: int
 ) -> TileCells:
-    """One task: read the tile's composite, label it, write ``cluster``; return its cells'
-    fractions (and intensity-weighted fractions) while the composite is in memory."""
+    """One task: read the tile's composite, label it, write ``cluster`` (and, when the run
+    has the intensity term, its layer ``layer`` of ``terms``); return the cells' fractions
+    (and intensity-weighted fractions) while the composite is in memory."""
     comp = store.read_window(path, "composite", tile.ys, tile.xs, so)
     labels = model.labels(comp)
     store.write_arrays(path, tile, {"cluster": labels}, so)
-    return _tile_cells(labels, comp if intensity else None, model.kinds, model.n_clusters, cell_px)
+    if layer is None:
+        return _tile_cells(labels, None, model.n_clusters, cell_px)
+    values = _intensity(comp, model.kinds)
+    store.write_layer(path, store.TERMS, layer, tile, values, so)
+    return _tile_cells(labels, values, model.n_clusters, cell_px)
 
 
 def _stored_cells(
-    path: str, so: dict, tile: Tile, kinds: Sequence[str], k: int, intensity: bool, cell_px: int
+    path: str, so: dict, tile: Tile, kinds: Sequence[str], k: int, layer: int | None, cell_px: int
 ) -> TileCells:
-    """One task: what :func:`_label_tile` returns, from a tile labelled by an earlier run."""
+    """One task: what :func:`_label_tile` returns (and writes of ``terms``), for a tile
+    labelled by an earlier run."""
     labels = store.read_window(path, "cluster", tile.ys, tile.xs, so)
-    if not intensity:
-        return _tile_cells(labels, None, kinds, k, cell_px)
+    if layer is None:
+        return _tile_cells(labels, None, k, cell_px)
     li, ri = terms.intensity_bands(kinds)
     comp = store.read_window(path, "composite", tile.ys, tile.xs, so, index=li + ri)
-    return _tile_cells(labels, comp, [kinds[i] for i in li + ri], k, cell_px)
+    values = _intensity(comp, [kinds[i] for i in li + ri])
+    store.write_layer(path, store.TERMS, layer, tile, values, so)
+    return _tile_cells(labels, values, k, cell_px)
+
+
+def _layer(names: Sequence[str], name: str) -> int | None:
+    return names.index(name) if name in names else None
 
 
 def label_pass(
@@ -319,45 +328,19 @@ def label_pass(
 ) -> dict[str, TileCells]:
     """Label every tile not labelled yet; ``{tile id: its cells' fractions}`` of those."""
     path, so = cfg.output.store, dict(cfg.output.storage_options)
-    intensity = "intensity" in active_terms(cfg, model.kinds)
+    names = active_terms(cfg, model.kinds)
+    if names:
+        store.ensure_terms(path, names, so)
+    layer = _layer(names, "intensity")
 
     def build(t: Tile):
         # the model rides in each small graph: as a task of its own, it would pull every
         # tile's task to the worker that holds it
-        return dask.delayed(_label_tile, pure=True)(path, so, t, model, intensity, grid.cell_px)
+        return dask.delayed(_label_tile, pure=True)(path, so, t, model, layer, grid.cell_px)
 
     return _tile_pass(
         client, cfg, grid, build, done_code=store.LABELLED, desc="label", progress=progress
     )
-
-
-def _window_terms(
-    path: str,
-    so: dict,
-    ys: slice,
-    xs: slice,
-    names: Sequence[str],
-    kinds: Sequence[str],
-    pilot,
-    sigma_px: float,
-    scale=None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and ``(m, y, x)`` covariates of a window, read from the store in this task."""
-    labels = store.read_window(path, "cluster", ys, xs, so)
-    li, ri = terms.intensity_bands(kinds)
-    want = "intensity" in names
-    bands = (li + ri) if want else []
-    comp = store.read_window(path, "composite", ys, xs, so, index=bands) if bands else None
-    layers = terms.pixel_terms(
-        list(names),
-        labels=labels,
-        lights=comp[: len(li)] if want and li else None,
-        radar=comp[len(li) :] if want and ri else None,
-        pilot=pilot,
-        sigma_px=sigma_px,
-        scale=scale,
-    )
-    return labels, layers
 
 
 def _inner(t: Tile, ys: slice, xs: slice) -> tuple[slice, slice]:
@@ -378,13 +361,16 @@ def _tile_context_fractions(
     sigma_px: float,
     k: int,
     cell_px: int,
+    layer: int,
 ) -> tuple[np.ndarray, float]:
-    """One task: the tile's context-weighted fractions and its largest context value."""
+    """One task: the tile's context (written as layer ``layer`` of ``terms``), its
+    context-weighted fractions and its largest context value."""
     labels = store.read_window(path, "cluster", ys, xs, so)
     iy, ix = _inner(t, ys, xs)
-    layer = terms.context(labels, pilot, sigma_px)[iy, ix]
-    top = float(layer.max()) if layer.size else 0.0
-    return terms.weighted_fractions(labels[iy, ix], layer[None], k, cell_px), top
+    values = terms.context(labels, pilot, sigma_px)[iy, ix]
+    store.write_layer(path, store.TERMS, layer, t, values, so)
+    top = float(values.max()) if values.size else 0.0
+    return terms.weighted_fractions(labels[iy, ix], values[None], k, cell_px), top
 
 
 def context_fractions(
@@ -395,17 +381,19 @@ def context_fractions(
     pilot: np.ndarray,
     sigma_px: float,
     k: int,
+    layer: int,
     batch: int = 16,
 ) -> tuple[np.ndarray, float]:
     """Raw context-weighted cluster fractions of the whole region ``(y_cell, x_cell, k)``
-    and the largest context value (each tile read with the halo its context needs)."""
+    and the largest context value (each tile read with the halo its context needs); each
+    tile's context is stored as layer ``layer`` of ``terms`` for the predict pass."""
     halo = terms.context_halo(sigma_px)
     pilot = np.asarray(pilot, np.float64)
 
     def task(t: Tile):
         ys, xs = grid.expand(t, halo)
         return dask.delayed(_tile_context_fractions, pure=True)(
-            path, so, t, ys, xs, pilot, sigma_px, k, grid.cell_px
+            path, so, t, ys, xs, pilot, sigma_px, k, grid.cell_px, layer
         )
 
     out = np.zeros((*grid.cell_shape, k), np.float32)
@@ -422,7 +410,7 @@ def _region_cells(
     grid: Grid,
     model: PixelModel,
     cells: dict[str, TileCells],
-    intensity: bool,
+    layer: int | None,
 ) -> tuple[np.ndarray, np.ndarray | None, float]:
     """The region's fractions ``(y_cell, x_cell, k)`` (float64) and, with ``intensity``,
     raw intensity-weighted fractions and the largest intensity: from the label pass's
@@ -431,7 +419,7 @@ def _region_cells(
     k = model.n_clusters
     kinds = list(model.kinds)
     fractions = np.zeros((*grid.cell_shape, k), np.float64)
-    wint = np.zeros((*grid.cell_shape, k), np.float32) if intensity else None
+    wint = None if layer is None else np.zeros((*grid.cell_shape, k), np.float32)
     top = 0.0
 
     def put(t: Tile, value: TileCells) -> None:
@@ -450,9 +438,7 @@ def _region_cells(
             missing.append(t)
 
     def task(t: Tile):
-        return dask.delayed(_stored_cells, pure=True)(
-            path, so, t, kinds, k, intensity, grid.cell_px
-        )
+        return dask.delayed(_stored_cells, pure=True)(path, so, t, kinds, k, layer, grid.cell_px)
 
     for t, value in _gather_tiles(client, missing, task, cfg.cluster.batch_tiles):
         put(t, value)
@@ -477,9 +463,12 @@ def density_fit(
     ds = store.open_store(path, so)
     k = model.n_clusters
     names = active_terms(cfg, model.kinds)
+    if names:
+        store.ensure_terms(path, names, so)  # kept as it is when the label pass made it
     fractions, wint, int_top = _region_cells(
-        client, cfg, grid, model, dict(cells or {}), "intensity" in names
+        client, cfg, grid, model, dict(cells or {}), _layer(names, "intensity")
     )
+    layers = list(names)  # the order of the stored layers (names may be dropped below)
     F = fractions.reshape(-1, k)
     census = ds.census.values.reshape(-1).astype(np.float64)
     valid = F.sum(axis=1)
@@ -513,7 +502,15 @@ def density_fit(
                 tops.append(int_top)
             else:
                 wctx, ctx_top = context_fractions(
-                    client, path, so, grid, pilot, sigma_px, k, batch=cfg.cluster.batch_tiles
+                    client,
+                    path,
+                    so,
+                    grid,
+                    pilot,
+                    sigma_px,
+                    k,
+                    layers.index("context"),
+                    batch=cfg.cluster.batch_tiles,
                 )
                 columns.append(wctx)
                 tops.append(ctx_top)
@@ -577,46 +574,35 @@ def _predict_tile(
     path: str,
     so: dict,
     t: Tile,
-    window: tuple[slice, slice],
-    read: tuple[slice, slice],
+    ys: slice,
+    xs: slice,
     census,
     counts,
     densities,
     *,
-    names: Sequence[str],
-    kinds: Sequence[str],
-    pilot,
-    sigma_px: float,
+    layers: Sequence[int],
     scale,
     cell_px: int,
     resolution: float,
     sigma: float,
 ) -> None:
-    """One task: read the tile's labels and terms, predict, write the tile.
-
-    ``window`` is the tile with the smoothing's halo; ``read`` holds it with the context's
-    halo on top (the terms are computed there, then cut to ``window``).
-    """
-    ys, xs = read
-    if names:
-        labels, layers = _window_terms(path, so, ys, xs, names, kinds, pilot, sigma_px, scale)
-    else:
-        labels, layers = store.read_window(path, "cluster", ys, xs, so), None
-    wy, wx = window
-    cut = (
-        slice(wy.start - ys.start, wy.stop - ys.start),
-        slice(wx.start - xs.start, wx.stop - xs.start),
-    )
+    """One task: read the tile's labels and term layers with the smoothing's halo, predict,
+    write the tile."""
+    labels = store.read_window(path, "cluster", ys, xs, so)
+    values = None
+    if layers:
+        values = store.read_window(path, store.TERMS, ys, xs, so, index=list(layers))
+        values /= np.asarray(scale, np.float32)[:, None, None]
     res = predict_window(
-        labels[cut],
+        labels,
         census,
         densities,
         cell_px=cell_px,
         resolution=resolution,
         sigma=sigma,
-        inner=_inner(t, wy, wx),
-        terms=None if layers is None else layers[(slice(None), *cut)],
-        offset=(wy.start % cell_px, wx.start % cell_px),
+        inner=_inner(t, ys, xs),
+        terms=values,
+        offset=(ys.start % cell_px, xs.start % cell_px),
         counts=counts,
     )
     store.write_arrays(path, t, res, so)
@@ -627,40 +613,35 @@ def predict_pass(
 ) -> dict[str, Any]:
     """Population, density and cell estimates of every tile not complete yet.
 
-    Each tile is read with a halo of the smoothing's kernel radius (plus the context's, for
-    its labels); the cells that halo cuts are rescaled with the fit's model counts.
+    Each tile reads its labels and term layers with a halo of the smoothing's kernel radius;
+    the cells that halo cuts are rescaled with the fit's model counts.
     """
     path, so = cfg.output.store, dict(cfg.output.storage_options)
     census = store.open_store(path, so).census.values if cfg.regression.rescale else None
     sigma = cfg.regression.smooth_sigma
-    names, sigma_px = fit.get("terms") or [], fit.get("context_sigma_px", 0.0)
+    names = list(fit.get("terms") or [])
+    stored = store.open_group(path, so, mode="r")[store.TERMS].attrs["terms"] if names else []
+    layers = [list(stored).index(n) for n in names]
     halo = halo_px(sigma)
-    extra = terms.context_halo(sigma_px) if "context" in names else 0
     cpx = grid.cell_px
     # small arrays ride in each tile's graph (as tasks of their own they would pull every
     # tile's task to the worker that holds them)
     dens = np.asarray(fit["densities"])
     counts = np.asarray(fit["counts"], np.float64).reshape(grid.cell_shape)
-    pilot = fit.get("pilot")
-    pilot = None if pilot is None else np.asarray(pilot)
-    kinds = store.band_kinds(path, so)
 
     def build(t: Tile):
-        wy, wx = grid.expand(t, halo)
-        cells = (window_cells(wy.start, wy.stop, cpx), window_cells(wx.start, wx.stop, cpx))
+        ys, xs = grid.expand(t, halo)
+        cells = (window_cells(ys.start, ys.stop, cpx), window_cells(xs.start, xs.stop, cpx))
         return dask.delayed(_predict_tile, pure=True)(
             path,
             so,
             t,
-            (wy, wx),
-            grid.expand(t, halo + extra),
+            ys,
+            xs,
             None if census is None else census[cells],
             counts[cells],
             dens,
-            names=list(names),
-            kinds=kinds,
-            pilot=pilot,
-            sigma_px=sigma_px,
+            layers=layers,
             scale=fit.get("term_scale"),
             cell_px=cpx,
             resolution=grid.resolution,

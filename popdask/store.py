@@ -40,6 +40,11 @@ STATUS_NAMES = {
 }
 # Zarr v2: GDAL (3.10, as in the rasterio wheels) reads it; its v3 reader lacks the codecs.
 ZARR_FORMAT = 2
+# zstd level 3 for the composite (most of the store, written once); level 1 for the layers
+# each pass writes: on a 500 × 500 float32 tile it encodes in 5.5 ms instead of 12.8 ms, for
+# 2 % more bytes (population; 11 % for the labels)
+SMALL_CODEC = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE)
+FAST_CODEC = numcodecs.Blosc(cname="zstd", clevel=1, shuffle=numcodecs.Blosc.SHUFFLE)
 
 
 class StoreError(RuntimeError):
@@ -204,12 +209,12 @@ def create(
         return False
     ds = template(grid, bands, kinds, census)
     ds.attrs.update({"popdask": {"grid": sig}, **_jsonable(attrs)})
-    blosc = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE)
     encoding = {
         # No _FillValue on the integers (it would make xarray decode them to float):
         # chunks not written yet read as 0; tile_status says which tiles are done.
-        "cluster": {"compressors": [blosc]},
-        **{v: {"compressors": [blosc]} for v in ("population", "density", "composite")},
+        "cluster": {"compressors": [FAST_CODEC]},
+        **{v: {"compressors": [FAST_CODEC]} for v in ("population", "density")},
+        "composite": {"compressors": [SMALL_CODEC]},
     }
     # one chunk per tile (atomic status updates); unwritten chunks read as 0 = missing
     ds["tile_status"] = ds["tile_status"].chunk({"tile_row": 1, "tile_col": 1})
@@ -360,6 +365,49 @@ def read_sample(path: str, attrs: Mapping[str, Any], so=None) -> np.ndarray | No
     pixels = np.asarray(g["pixels"][:])
     keep = np.arange(pixels.shape[1])[None, :] < count[:, None]
     return pixels[keep]
+
+
+TERMS = "terms"
+
+
+def ensure_terms(path: str, names: Sequence[str], storage_options=None) -> None:
+    """Make room for the raw covariate layers ``terms`` ``(term, y, x)`` float32, one per
+    name of ``names`` (see :mod:`popdask.terms`), chunked like the composite.
+
+    They are written by the passes that compute each term (intensity by the label pass,
+    context by the densities fit) and read by the predict pass, so that it needs neither the
+    composite nor the context's halo. Kept when it already holds these names, else replaced.
+    """
+    g = open_group(path, storage_options)
+    names = list(names)
+    if TERMS in g and list(g[TERMS].attrs.get("terms", [])) == names:
+        return
+    ref = g["cluster"]
+    arr = g.create_array(
+        TERMS,
+        shape=(len(names), *ref.shape),
+        chunks=(1, *ref.chunks),
+        dtype="float32",
+        fill_value=np.nan,
+        compressors=[FAST_CODEC],
+        overwrite=True,
+    )
+    arr.attrs.update(
+        {
+            "_ARRAY_DIMENSIONS": ["term", "y", "x"],
+            "terms": names,
+            "long_name": "covariate layers of the regression terms, before scaling",
+            "coordinates": "spatial_ref",
+            "_CRS": dict(ref.attrs.get("_CRS", {})),
+        }
+    )
+
+
+def write_layer(
+    path: str, name: str, index: int, tile: Tile, values: np.ndarray, storage_options=None
+) -> None:
+    """Write one tile of layer ``index`` of the ``(layer, y, x)`` variable ``name``."""
+    open_group(path, storage_options)[name][index, tile.ys, tile.xs] = values
 
 
 def band_kinds(path: str, storage_options=None) -> list[str]:

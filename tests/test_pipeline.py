@@ -36,6 +36,7 @@ def test_store_follows_the_contract(finished):
         "band": 14,
         "tile_row": 2,
         "tile_col": 2,
+        "term": 2,
     }
     for v, dims, dtype in [
         ("population", ("y", "x"), np.float32),
@@ -44,10 +45,13 @@ def test_store_follows_the_contract(finished):
         ("composite", ("band", "y", "x"), np.float32),
         ("census", ("y_cell", "x_cell"), np.float32),
         ("predicted", ("y_cell", "x_cell"), np.float32),
+        ("terms", ("term", "y", "x"), np.float32),
     ]:
         assert ds[v].dims == dims and ds[v].dtype == dtype, v
         assert ds[v].rio.crs.to_epsg() == 3035, v
     assert list(ds.band.values[-3:]) == ["vv", "vh", "avg_rad"]
+    assert ds.terms.attrs["terms"] == ["intensity", "context"]
+    assert np.isfinite(ds.terms.values).all() and (ds.terms.values >= 0).all()
     assert ds.y.values[0] == 3216000 - 10 and ds.x.values[0] == 4321000 + 10
     assert len(ds.attrs["stac_items"]["sentinel2"]) > 0
     assert ds.attrs["config"]["model"]["clusters"] == 20
@@ -193,12 +197,18 @@ def test_label_task_and_stored_labels_give_the_same_cells(finished, tmp_path):
     shutil.copytree(load_config(finished).output.path, cfg.output.path)
     model = PixelModel.from_arrays(*store.load_arrays(cfg.output.path, "model"))
     grid, path, k = cfg.make_grid(), cfg.output.path, model.n_clusters
+    store.ensure_terms(path, ["context", "intensity"])  # intensity is layer 1
+    kinds = list(model.kinds)
     for t in grid.tiles():
-        fr, wint, top = _label_tile(path, {}, t, model, True, grid.cell_px)
-        fr2, wint2, top2 = _stored_cells(path, {}, t, list(model.kinds), k, True, grid.cell_px)
+        fr, wint, top = _label_tile(path, {}, t, model, 1, grid.cell_px)
+        written = store.read_window(path, store.TERMS, t.ys, t.xs)
+        fr2, wint2, top2 = _stored_cells(path, {}, t, kinds, k, 1, grid.cell_px)
         np.testing.assert_array_equal(fr, fr2)
         np.testing.assert_array_equal(wint, wint2)
         assert top == top2 > 0
         assert wint.shape == fr.shape == (t.shape[0] // 50, t.shape[1] // 50, k)
         assert (wint <= fr + 1e-6).all()  # intensity ≤ 1: weighted ≤ plain fraction
-        assert _stored_cells(path, {}, t, list(model.kinds), k, False, grid.cell_px)[1] is None
+        assert np.isnan(written[0]).all()  # the context layer is not the label pass's
+        assert np.nanmax(written[1]) == top and (written[1] >= 0).all()
+        np.testing.assert_array_equal(written, store.read_window(path, store.TERMS, t.ys, t.xs))
+        assert _stored_cells(path, {}, t, kinds, k, None, grid.cell_px)[1] is None
