@@ -167,7 +167,7 @@ def _fit_pca(z: np.ndarray, n_comp: int, block_rows: int):
     with warnings.catch_warnings():
         # dask-ml divides 0/0 for the noise variance when all components are kept
         warnings.filterwarnings("ignore", "invalid value encountered in divide", RuntimeWarning)
-        pca.fit(da.from_array(z, chunks=(block_rows, -1)))
+        pca.fit(da.from_array(z, chunks=(block_rows, -1), name=False))
     return (
         np.asarray(pca.components_, dtype=np.float64),
         np.asarray(pca.mean_, dtype=np.float64),
@@ -189,8 +189,9 @@ def _fit_kmeans(p: np.ndarray, clusters: int, *, seed: int, block_rows: int, epo
         shuffle_blocks=True,
         random_state=seed,
     )
-    for _ in range(epochs):
-        km.partial_fit(da.from_array(p[rng.permutation(p.shape[0])], chunks=(block_rows, -1)))
+    for _ in range(epochs):  # ``name=False``: no hashing of the sample to name it
+        rows = rng.permutation(p.shape[0])
+        km.partial_fit(da.from_array(p[rows], chunks=(block_rows, -1), name=False))
     return np.asarray(km.estimator_.cluster_centers_, dtype=np.float64)
 
 
@@ -229,7 +230,7 @@ def fit_model(
     PixelModel
     """
     kinds = tuple(kinds)
-    x = transform(samples, kinds, axis=-1)
+    x = transform(np.ascontiguousarray(samples.T), kinds, axis=0).T  # bands contiguous
     required = np.array([k == REFLECTANCE for k in kinds])
     x = x[np.isfinite(x[:, required]).all(axis=1)]
     if x.shape[0] < max(clusters * 10, 1000):
