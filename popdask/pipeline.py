@@ -275,11 +275,12 @@ TileCells = tuple[np.ndarray, "np.ndarray | None", float]
 def _tile_cells(labels: np.ndarray, layer: np.ndarray | None, k: int, cell_px: int) -> TileCells:
     """A tile's cluster fractions per cell and, given its intensity ``layer``, its raw
     intensity-weighted fractions and largest intensity (the term that needs no pilot fit)."""
-    fr = regression.cell_fractions(labels, k, cell_px=cell_px)
     if layer is None:
-        return fr, None, 0.0
+        return regression.cell_fractions(labels, k, cell_px=cell_px), None, 0.0
+    bins = regression.cell_cluster_index(labels, k, cell_px)  # shared by both
+    fr = regression.cell_fractions(labels, k, cell_px=cell_px, bins=bins)
     top = float(layer.max()) if layer.size else 0.0
-    return fr, terms.weighted_fractions(labels, layer[None], k, cell_px), top
+    return fr, terms.weighted_fractions(labels, layer[None], k, cell_px, bins=bins), top
 
 
 def _intensity(comp: np.ndarray, kinds: Sequence[str]) -> np.ndarray:

@@ -176,17 +176,20 @@ def cell_cluster_index(
     return index, valid
 
 
-def _fractions_block(block: np.ndarray, n_clusters: int, cell_px: int) -> np.ndarray:
-    """Counts per cell and cluster of one numpy block, divided by ``cell_px**2`` (float32)."""
+def _fractions_block(
+    block: np.ndarray, n_clusters: int, cell_px: int, bins: tuple | None = None
+) -> np.ndarray:
+    """Counts per cell and cluster of one numpy block, divided by ``cell_px**2`` (float32);
+    ``bins`` is `cell_cluster_index` of the block if already computed."""
     ny, nx = block.shape[0] // cell_px, block.shape[1] // cell_px
-    index, _ = cell_cluster_index(block, n_clusters, cell_px)
+    index, _ = cell_cluster_index(block, n_clusters, cell_px) if bins is None else bins
     counts = np.bincount(index, minlength=ny * nx * n_clusters)
     out = counts.reshape(ny, nx, n_clusters).astype(np.float32)
     out /= np.float32(cell_px * cell_px)
     return out
 
 
-def cell_fractions(labels, n_clusters: int, *, cell_px: int = 50):
+def cell_fractions(labels, n_clusters: int, *, cell_px: int = 50, bins=None):
     """Fraction of each cell's pixels that fall in each cluster.
 
     Parameters
@@ -197,6 +200,9 @@ def cell_fractions(labels, n_clusters: int, *, cell_px: int = 50):
         Number of clusters; every label must be in ``[-1, n_clusters - 1]``.
     cell_px : int, default 50
         Cell edge in pixels (50 × 20 m = 1 km).
+    bins : tuple of numpy.ndarray, optional
+        `cell_cluster_index` of NumPy ``labels`` if already computed (it is shared with
+        :func:`popdask.terms.weighted_fractions`).
 
     Returns
     -------
@@ -243,7 +249,7 @@ def cell_fractions(labels, n_clusters: int, *, cell_px: int = 50):
             f"{'y' if ny % cell_px else 'x'}: the grid must be cut on whole cells"
         )
     if not is_dask:
-        return _fractions_block(labels, n_clusters, cell_px)
+        return _fractions_block(labels, n_clusters, cell_px, bins)
 
     import dask.array as da
     from dask.base import tokenize

@@ -79,7 +79,7 @@ def intensity(lights: np.ndarray | None, radar: np.ndarray | None) -> np.ndarray
         lights = np.asarray(lights, np.float32)
         out = np.zeros(lights.shape[1:], np.float32)
         for band in lights:
-            out += np.nan_to_num(band, nan=0.0)
+            np.add(out, band, out=out, where=~np.isnan(band))  # NaN counts as 0
         out /= np.float32(len(lights))
         np.maximum(out, 0.0, out=out)
         np.log1p(out, out=out)
@@ -143,7 +143,12 @@ def context(labels: np.ndarray, pilot: np.ndarray, sigma_px: float) -> np.ndarra
 
 
 def weighted_fractions(
-    labels: np.ndarray, weights: np.ndarray, n_clusters: int, cell_px: int
+    labels: np.ndarray,
+    weights: np.ndarray,
+    n_clusters: int,
+    cell_px: int,
+    *,
+    bins: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Mean over each cell of ``[label = k] · weight`` for every cluster and weight layer.
 
@@ -154,6 +159,8 @@ def weighted_fractions(
     weights : ndarray, shape (n_terms, y, x)
         Covariates (NaN counts as 0).
     n_clusters, cell_px : int
+    bins : tuple of ndarray, optional
+        ``regression.cell_cluster_index(labels, n_clusters, cell_px)`` if already computed.
 
     Returns
     -------
@@ -161,16 +168,16 @@ def weighted_fractions(
         Term ``m``'s columns are ``m * n_clusters … (m + 1) * n_clusters - 1``.
     """
     lab = np.asarray(labels)
-    w = np.asarray(weights, np.float64)
+    w = np.asarray(weights)
     if w.ndim != 3 or w.shape[1:] != lab.shape:
         raise ValueError(f"weights {w.shape} do not match labels {lab.shape} as (terms, y, x)")
     ny, nx = lab.shape[0] // cell_px, lab.shape[1] // cell_px
-    index, valid = cell_cluster_index(lab, n_clusters, cell_px)
+    index, valid = cell_cluster_index(lab, n_clusters, cell_px) if bins is None else bins
     out = np.empty((ny, nx, w.shape[0] * n_clusters), np.float32)
     for m in range(w.shape[0]):
-        sums = np.bincount(
-            index, weights=np.nan_to_num(w[m][valid]), minlength=ny * nx * n_clusters
-        )
+        values = w[m][valid]  # a copy
+        values[np.isnan(values)] = 0.0
+        sums = np.bincount(index, weights=values, minlength=ny * nx * n_clusters)
         out[..., m * n_clusters : (m + 1) * n_clusters] = sums.reshape(ny, nx, n_clusters)
     out /= np.float32(cell_px * cell_px)
     return out
