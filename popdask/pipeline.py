@@ -2,11 +2,12 @@
 
 1. **composite** — per tile: STAC items → stackstac → masked medians → ``composite``.
 2. **fit** — a pixel sample from the stored composites of all tiles → :class:`PixelModel`.
-3. **label** — per tile: ``cluster``; then cluster fractions per cell, a pilot fit, the
-   covariate-weighted fractions of the ``regression.terms`` (:mod:`popdask.terms`, per tile
-   with a halo) and the bounded fit of densities on all cells (saved with its design matrix
-   in the store's ``regression`` group); then **predict** — per tile with a halo:
-   ``population``, ``density``, ``predicted``.
+3. **label** — per tile: ``cluster`` (and the ``intensity`` layer of ``terms``); the task
+   returns its cells' cluster fractions and intensity-weighted fractions. Then a pilot fit,
+   the ``context`` layer and its weighted fractions (:mod:`popdask.terms`, per tile with the
+   context's halo), and the bounded fit of densities on all cells (saved with its design
+   matrix in the store's ``regression`` group); then **predict** — per tile with the
+   smoothing's halo: ``population``, ``density``, ``predicted``.
 
 Each pass submits per-tile graphs in batches of ``cluster.batch_tiles`` tiles, marks each
 tile in ``tile_status`` as soon as its write has finished, and skips tiles already done,

@@ -9,6 +9,8 @@ only. Besides the contract variables the store holds:
 - ``tile_status`` (tile_row, tile_col) int8, one chunk per tile: 0 missing, 1 composite
   written, 2 labelled, 3 complete, -1 failed. It is set only after a tile's data is written,
   so a killed run loses at most the tiles in flight;
+- ``terms`` (term, y, x) float32: the raw covariate layers of the regression terms
+  (:func:`ensure_terms`), so the predict pass needs neither the composite nor a wide halo;
 - a ``model`` group with the fitted model as plain arrays (never pickle).
 
 Paths may be local or fsspec URLs (``s3://bucket/run.zarr``) with ``storage_options``.
@@ -392,6 +394,9 @@ def ensure_terms(path: str, names: Sequence[str], storage_options=None) -> None:
         compressors=[FAST_CODEC],
         overwrite=True,
     )
+    coord = g.create_array("term", shape=(len(names),), dtype=str, overwrite=True)
+    coord[...] = np.array(names, dtype=object)  # the names as the dimension's coordinate
+    coord.attrs["_ARRAY_DIMENSIONS"] = ["term"]
     arr.attrs.update(
         {
             "_ARRAY_DIMENSIONS": ["term", "y", "x"],
@@ -401,6 +406,7 @@ def ensure_terms(path: str, names: Sequence[str], storage_options=None) -> None:
             "_CRS": dict(ref.attrs.get("_CRS", {})),
         }
     )
+    consolidate(path, storage_options)
 
 
 def write_layer(

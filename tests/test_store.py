@@ -93,3 +93,25 @@ def test_arrays_group_round_trip(path):
     assert attrs["bands"] == ["a", "b"]
     with pytest.raises(KeyError):
         store.load_arrays(path, "nothing")
+
+
+def test_term_layers_are_made_kept_and_replaced(path, grid):
+    store.ensure_terms(path, ["intensity", "context"])
+    t = grid.tiles()[1]
+    values = np.arange(t.shape[0] * t.shape[1], dtype=np.float32).reshape(t.shape)
+    store.write_layer(path, store.TERMS, 1, t, values)
+    ds = xr.open_zarr(path)  # self-describing, as the contract variables
+    assert ds.terms.dims == ("term", "y", "x") and ds.terms.dtype == np.float32
+    assert list(ds.term.values) == ["intensity", "context"]
+    assert ds.terms.rio.crs.to_epsg() == 3035
+    np.testing.assert_array_equal(ds.terms.sel(term="context").values[t.ys, t.xs], values)
+    assert np.isnan(ds.terms.sel(term="intensity").values).all()  # not written: NaN
+    np.testing.assert_array_equal(
+        store.read_window(path, store.TERMS, t.ys, t.xs, index=[1])[0], values
+    )
+
+    store.ensure_terms(path, ["intensity", "context"])  # the same names: kept, data and all
+    np.testing.assert_array_equal(store.read_window(path, store.TERMS, t.ys, t.xs)[1], values)
+    store.ensure_terms(path, ["context"])  # other names: replaced
+    ds = xr.open_zarr(path)
+    assert list(ds.term.values) == ["context"] and np.isnan(ds.terms.values).all()
