@@ -78,6 +78,20 @@ def open_group(path: str, storage_options=None, mode: str = "r+") -> zarr.Group:
         )
 
 
+def open_array(path: str, name: str, storage_options=None, mode: str = "r+") -> zarr.Array:
+    """One array of the store (``name`` may be ``group/array``), opened without the root
+    group, whose attributes (the run's STAC item ids among them) grow with the region."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        return zarr.open_array(
+            store=str(path),
+            path=name,
+            mode=mode,
+            zarr_format=ZARR_FORMAT,
+            **_zarr_kwargs(path, storage_options),
+        )
+
+
 def exists(path: str, storage_options=None) -> bool:
     """Whether a popdask store already exists at ``path``."""
     try:
@@ -259,12 +273,12 @@ def open_store(path: str, storage_options=None) -> xr.Dataset:
 
 def tile_status(path: str, storage_options=None) -> np.ndarray:
     """``(tile_row, tile_col)`` status codes."""
-    return np.asarray(open_group(path, storage_options, mode="r")["tile_status"][:])
+    return np.asarray(open_array(path, "tile_status", storage_options, mode="r")[:])
 
 
 def set_status(path: str, tiles: list[Tile], code: int, storage_options=None) -> None:
     """Mark ``tiles`` with ``code`` (each tile is its own chunk, so this is atomic per tile)."""
-    arr = open_group(path, storage_options)["tile_status"]
+    arr = open_array(path, "tile_status", storage_options)
     for t in tiles:
         arr[t.row, t.col] = code
 
@@ -311,7 +325,7 @@ def read_window(
 
     ``index`` picks entries of a leading axis (the composite's bands); default all.
     """
-    arr = open_group(path, storage_options, mode="r")[name]
+    arr = open_array(path, name, storage_options, mode="r")
     if arr.ndim == 3:
         lead = slice(None) if index is None else list(index)
         return np.asarray(arr.get_orthogonal_selection((lead, ys, xs)))
@@ -348,9 +362,8 @@ def create_sample(
 
 def write_sample(path: str, index: int, values: np.ndarray, so=None) -> None:
     """Store tile ``index``'s sample ``(n, band)`` (from the task that composited it)."""
-    g = open_group(path, so)[SAMPLE_GROUP]
-    g["pixels"][index, : len(values)] = values
-    g["count"][index] = len(values)
+    open_array(path, f"{SAMPLE_GROUP}/pixels", so)[index, : len(values)] = values
+    open_array(path, f"{SAMPLE_GROUP}/count", so)[index] = len(values)
 
 
 def read_sample(path: str, attrs: Mapping[str, Any], so=None) -> np.ndarray | None:
@@ -413,12 +426,12 @@ def write_layer(
     path: str, name: str, index: int, tile: Tile, values: np.ndarray, storage_options=None
 ) -> None:
     """Write one tile of layer ``index`` of the ``(layer, y, x)`` variable ``name``."""
-    open_group(path, storage_options)[name][index, tile.ys, tile.xs] = values
+    open_array(path, name, storage_options)[index, tile.ys, tile.xs] = values
 
 
 def band_kinds(path: str, storage_options=None) -> list[str]:
     """The kind of each composite band (``reflectance``, ``backscatter_db``, ``radiance``)."""
-    return list(open_group(path, storage_options, mode="r")["composite"].attrs["band_kind"])
+    return list(open_array(path, "composite", storage_options, mode="r").attrs["band_kind"])
 
 
 def write_arrays(
@@ -427,9 +440,8 @@ def write_arrays(
     """Write one tile's NumPy arrays with Zarr from the calling task (chunk-aligned, so
     each chunk is replaced whole). Pixel variables cover ``tile.ys``/``tile.xs``, cell
     variables (``y_cell``, ``x_cell``) ``tile.ys_cell``/``tile.xs_cell``."""
-    g = open_group(path, storage_options)
     for name, values in variables.items():
-        arr = g[name]
+        arr = open_array(path, name, storage_options)
         dims = arr.attrs.get("_ARRAY_DIMENSIONS", [])
         cell = "y_cell" in dims
         ys, xs = (tile.ys_cell, tile.xs_cell) if cell else (tile.ys, tile.xs)
