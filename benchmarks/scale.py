@@ -27,6 +27,8 @@ continental projection made from them.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import shutil
@@ -62,24 +64,62 @@ def _spilled(dask_worker) -> int:
 
 
 class Sampler:
-    """Samples RSS of the client and each worker every ``every`` seconds in a thread."""
+    """Samples RSS of the client and each worker every ``every`` seconds in a thread; the
+    peaks are kept for the whole run and per ``phase`` (the pass running when sampled)."""
 
     def __init__(self, client, every: float = 0.2):
         self.client, self.every = client, every
         self.peak: dict[str, int] = {}
+        self.by_phase: dict[str, dict[str, int]] = {}
+        self.phase = "other"
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._loop, daemon=True)
+
+    def sample(self) -> None:
+        """One sample of every process, counted for the current phase."""
+        phase = self.phase
+        stats = self.client.run(_proc_stats)
+        stats["client"] = _proc_stats()
+        with self._lock:
+            at = self.by_phase.setdefault(phase, {})
+            for k, v in stats.items():
+                self.peak[k] = max(self.peak.get(k, 0), v["rss"])
+                at[k] = max(at.get(k, 0), v["rss"])
 
     def _loop(self):
         while not self._stop.is_set():
             try:
-                stats = self.client.run(_proc_stats)
-                stats["client"] = _proc_stats()
-                for k, v in stats.items():
-                    self.peak[k] = max(self.peak.get(k, 0), v["rss"])
+                self.sample()
             except Exception:  # cluster closing
                 pass
             self._stop.wait(self.every)
+
+    @contextlib.contextmanager
+    def phases(self, module, names: dict[str, str]):
+        """Label the samples taken while each function ``module.<name>`` runs."""
+        originals = {n: getattr(module, n) for n in names}
+
+        def wrap(fn, phase):
+            @functools.wraps(fn)
+            def run(*args, **kwargs):
+                self.phase = phase
+                self.sample()  # at least one sample per pass, however short
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    self.sample()
+                    self.phase = "other"
+
+            return run
+
+        for n, phase in names.items():
+            setattr(module, n, wrap(originals[n], phase))
+        try:
+            yield self
+        finally:
+            for n, fn in originals.items():
+                setattr(module, n, fn)
 
     def __enter__(self):
         self._t.start()
@@ -142,7 +182,16 @@ def run_popdask(size_km: int, work: Path, client, *, clusters: int | None, seed:
         cfg = config_from_dict(data)
         client.run_on_scheduler(_reset_graph_sizes)
         before = client.run(_proc_stats)
-        with Sampler(client) as sampler:
+        from popdask import pipeline
+
+        passes = {
+            "composite_pass": "composite",
+            "fit_pass": "fit",
+            "label_pass": "label_predict",
+            "density_fit": "label_predict",
+            "predict_pass": "label_predict",
+        }
+        with Sampler(client) as sampler, sampler.phases(pipeline, passes):
             result = run(cfg, client=client, progress=False)
         after = client.run(_proc_stats)
     rchar = sum(after[w]["rchar"] - before[w]["rchar"] for w in after)
@@ -155,6 +204,9 @@ def run_popdask(size_km: int, work: Path, client, *, clusters: int | None, seed:
         "generate_s": gen_s,
         "timings_s": result.timings,
         "peak_rss_mb": {k: v / 2**20 for k, v in sampler.peak.items()},
+        "peak_rss_mb_by_pass": {
+            ph: {k: v / 2**20 for k, v in d.items()} for ph, d in sampler.by_phase.items()
+        },
         "max_graph_tasks": max(client.run_on_scheduler(_graph_sizes) or [0]),
         "bytes_read_by_workers": rchar,
         "cog_bytes": cog_bytes,
@@ -480,6 +532,14 @@ def print_table(results: list[dict]) -> None:
             "{predict:.2f} s (cross-validation report {cv:.2f} s, not counted)".format(**t)
         )
         peak = ", ".join(f"{k.split(':')[-1]} {v:.0f}" for k, v in r["peak_rss_mb"].items())
+        by = r.get("peak_rss_mb_by_pass", {})
+        worst = {
+            ph: max((v for k, v in d.items() if k != "client"), default=0)
+            for ph, d in by.items()
+            if ph != "other"
+        }
+        per_pass = ", ".join(f"{k} {v:.0f}" for k, v in worst.items())
+        print(f"     largest worker RSS MB per pass: {per_pass}")
         print(
             f"     peak RSS MB: {peak}; max graph {r['max_graph_tasks']} tasks; read "
             f"{r['bytes_read_by_workers'] / 2**20:.0f} MB of {r['cog_bytes'] / 2**20:.0f} MB "

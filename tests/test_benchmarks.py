@@ -37,6 +37,10 @@ def test_scale_benchmark_smallest_region(tmp_path, capsys):
     assert r["pixels"] == 200 * 200 and r["tiles"] == 1
     assert all(r["timings_s"][k] > 0 for k in ("composite", "fit", "label_predict"))
     assert len(r["peak_rss_mb"]) == 3 and all(v > 50 for v in r["peak_rss_mb"].values())
+    by_pass = r["peak_rss_mb_by_pass"]
+    assert {"composite", "fit", "label_predict"} <= set(by_pass)  # sampled during each pass
+    for proc, peak in r["peak_rss_mb"].items():  # the run's peak is the largest of a pass's
+        assert peak == pytest.approx(max(d.get(proc, 0) for d in by_pass.values()))
     assert r["max_graph_tasks"] > 0 and r["cog_bytes"] > 0 and r["raw_read_s"] > 0
     assert set(r["numpy_s"]) == {
         "composite_median",
