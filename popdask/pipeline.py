@@ -230,12 +230,12 @@ def fit_pass(client: Client, cfg: Config, grid: Grid) -> PixelModel:
         return model
     except KeyError:
         pass
-    ds = store.open_store(path, so)
     tiles = grid.tiles()
     m = cfg.model
     samples = store.read_sample(path, {"sample_pixels": m.sample_pixels, "seed": m.seed}, so)
     if samples is None:  # a store composited without its sample: draw it from the composites
         log.info("fit: drawing the sample from the stored composites")
+        ds = store.open_store(path, so)
         index = {t.id: i for i, t in enumerate(tiles)}
         shares = _sample_shares(cfg, grid)
 
@@ -246,8 +246,8 @@ def fit_pass(client: Client, cfg: Config, grid: Grid) -> PixelModel:
 
         parts = [s for _, s in _gather_tiles(client, tiles, task, cfg.cluster.batch_tiles)]
         samples = np.concatenate(parts, axis=0)
-    bands = [str(b) for b in ds.band.values]
-    kinds = list(ds.composite.attrs["band_kind"])
+    bands = [str(b) for b in store.open_array(path, "band", so, mode="r")[...]]
+    kinds = store.band_kinds(path, so)
     model = fit_model(
         samples, bands, kinds, components=m.components, clusters=m.clusters, seed=m.seed
     )
@@ -462,7 +462,6 @@ def density_fit(
     covariate-weighted fractions together (:mod:`popdask.terms`).
     """
     path, so = cfg.output.store, dict(cfg.output.storage_options)
-    ds = store.open_store(path, so)
     k = model.n_clusters
     names = active_terms(cfg, model.kinds)
     if names:
@@ -472,7 +471,7 @@ def density_fit(
     )
     layers = list(names)  # the order of the stored layers (names may be dropped below)
     F = fractions.reshape(-1, k)
-    census = ds.census.values.reshape(-1).astype(np.float64)
+    census = store.read_census(path, so).reshape(-1).astype(np.float64)
     valid = F.sum(axis=1)
     usable = np.isfinite(census) & (census >= 0) & (valid >= cfg.regression.min_valid)
     pop = np.where(usable, census, np.nan)
@@ -619,7 +618,7 @@ def predict_pass(
     the cells that halo cuts are rescaled with the fit's model counts.
     """
     path, so = cfg.output.store, dict(cfg.output.storage_options)
-    census = store.open_store(path, so).census.values if cfg.regression.rescale else None
+    census = store.read_census(path, so) if cfg.regression.rescale else None
     sigma = cfg.regression.smooth_sigma
     names = list(fit.get("terms") or [])
     stored = store.open_group(path, so, mode="r")[store.TERMS].attrs["terms"] if names else []

@@ -429,6 +429,12 @@ def write_layer(
     open_array(path, name, storage_options)[index, tile.ys, tile.xs] = values
 
 
+def read_census(path: str, storage_options=None) -> np.ndarray:
+    """The stored ``census`` ``(y_cell, x_cell)`` float32, NaN where unknown (written as
+    such by :func:`create`; one array read, no dataset opened)."""
+    return np.asarray(open_array(path, "census", storage_options, mode="r")[...], np.float32)
+
+
 def band_kinds(path: str, storage_options=None) -> list[str]:
     """The kind of each composite band (``reflectance``, ``backscatter_db``, ``radiance``)."""
     return list(open_array(path, "composite", storage_options, mode="r").attrs["band_kind"])

@@ -115,3 +115,8 @@ def test_term_layers_are_made_kept_and_replaced(path, grid):
     store.ensure_terms(path, ["context"])  # other names: replaced
     ds = xr.open_zarr(path)
     assert list(ds.term.values) == ["context"] and np.isnan(ds.terms.values).all()
+
+
+def test_read_census_is_what_xarray_decodes(path):
+    np.testing.assert_array_equal(store.read_census(path), xr.open_zarr(path).census.values)
+    assert np.isnan(store.read_census(path)[0, 1])
