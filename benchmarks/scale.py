@@ -440,9 +440,12 @@ def main(argv=None) -> dict:
 
     from distributed import Client, LocalCluster
 
+    from popdask.cluster import worker_environ
+
     work = Path(args.workdir or tempfile.mkdtemp(prefix="popdask-bench-"))
     results = []
     with (
+        worker_environ(),  # the allocator settings of popdask's own local cluster
         LocalCluster(
             n_workers=2,
             threads_per_worker=1,

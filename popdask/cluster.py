@@ -125,10 +125,54 @@ def local_defaults(cfg: ClusterConfig) -> dict[str, Any]:
     return kw
 
 
+#: The allocator settings popdask's workers start with (glibc reads them when the process
+#: starts, so dask must set them before spawning: ``distributed.nanny.pre-spawn-environ``).
+#: distributed's default, a trim threshold of 64 KiB, hands every freed block back to the
+#: system, so each tile-sized temporary is page-faulted in afresh: measured on the 40 km
+#: benchmark region, the label pass took 2.5 s and the predict pass 1.75 s with it, 1.8 s
+#: and 1.2 s with these, for about 100 MB more resident memory per worker.
+WORKER_MALLOC = {"MALLOC_TRIM_THRESHOLD_": "67108864", "MALLOC_MMAP_THRESHOLD_": "16777216"}
+_DISTRIBUTED_TRIM = "65536"
+
+
+@contextmanager
+def worker_environ() -> Iterator[None]:
+    """Within it, workers that nannies spawn get :data:`WORKER_MALLOC`.
+
+    Unless the trim threshold is already set otherwise than distributed's default, in the
+    environment or the dask configuration: that is the user's choice. distributed lets the
+    environment win over its configuration (and a nanny writes its settings into the
+    environment of the process that starts it), so both are set here and the environment
+    is restored on exit.
+    """
+    key = "distributed.nanny.pre-spawn-environ"
+    cfg = dict(dask.config.get(key, default={}) or {})
+    trim = os.environ.get(
+        "MALLOC_TRIM_THRESHOLD_", str(cfg.get("MALLOC_TRIM_THRESHOLD_", _DISTRIBUTED_TRIM))
+    )
+    if trim != _DISTRIBUTED_TRIM:
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in WORKER_MALLOC}
+    os.environ.update(WORKER_MALLOC)
+    try:
+        with dask.config.set({key: {**cfg, **WORKER_MALLOC}}):
+            yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _local(cfg: ClusterConfig) -> Iterator[Client]:
     from distributed import LocalCluster
 
-    with LocalCluster(dashboard_address=":0", **local_defaults(cfg)) as cluster:
+    with (
+        worker_environ(),
+        LocalCluster(dashboard_address=":0", **local_defaults(cfg)) as cluster,
+    ):
         with Client(cluster) as client:
             _announce(client, "local cluster")
             yield client

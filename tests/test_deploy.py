@@ -776,6 +776,25 @@ def test_dockerfile():
     assert cmd[0] == "popdask"
 
 
+def test_dockerfile_gives_workers_popdasks_allocator_settings(tmp_path):
+    """The image's dask configuration carries popdask.cluster.WORKER_MALLOC into the
+    nanny's pre-spawn environment: the RUN's own commands, run here against a temporary
+    config folder in place of /etc/dask."""
+    import os
+
+    (run,) = [r for w, r in _instructions() if w == "RUN" and "/etc/dask/popdask.yaml" in r]
+    steps = [c.strip() for c in run.split("&&") if c.strip().startswith("python -c")]
+    assert len(steps) == 2  # write the file, then check what dask reads from it
+    env = {**os.environ, "DASK_CONFIG": str(tmp_path)}
+    for step in steps:
+        code = shlex.split(step)[2].replace("/etc/dask", str(tmp_path))
+        subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path)
+    from popdask.cluster import WORKER_MALLOC
+
+    written = yaml.safe_load((tmp_path / "popdask.yaml").read_text())
+    assert written == {"distributed": {"nanny": {"pre-spawn-environ": WORKER_MALLOC}}}
+
+
 def test_dockerfile_build_context_is_the_repository_root():
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split("\n")
     patterns = [p.strip() for p in ignore if p.strip() and not p.startswith("#")]

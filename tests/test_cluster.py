@@ -1,0 +1,34 @@
+"""popdask's local cluster: what its workers start with."""
+
+from __future__ import annotations
+
+import os
+
+from popdask.cluster import WORKER_MALLOC, get_client
+from popdask.config import ClusterConfig
+
+CFG = ClusterConfig(kind="local", workers=1, threads_per_worker=1)
+
+
+def _malloc_env() -> dict[str, str | None]:
+    return {k: os.environ.get(k) for k in WORKER_MALLOC}
+
+
+def test_local_workers_start_with_popdasks_allocator_settings(monkeypatch):
+    # what a LocalCluster with distributed's defaults leaves in this process's environment
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    with get_client(CFG) as client:
+        (seen,) = client.run(_malloc_env).values()
+    assert seen == WORKER_MALLOC
+    # and the environment of this process is as it was
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"
+    assert "MALLOC_MMAP_THRESHOLD_" not in os.environ
+
+
+def test_a_users_allocator_setting_wins(monkeypatch):
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    with get_client(CFG) as client:
+        (seen,) = client.run(_malloc_env).values()
+    assert seen == {"MALLOC_TRIM_THRESHOLD_": "131072", "MALLOC_MMAP_THRESHOLD_": None}
