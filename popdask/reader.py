@@ -111,7 +111,10 @@ for _name in (
 # Nearest-neighbour warps as index maps, shared by the assets of one source geometry
 # --------------------------------------------------------------------------------------
 #: Index maps kept per process (each at most one output window of int32: 1 MB for 500²).
-INDEX_CACHE_SIZE = 64
+#: A map serves one tile (its output window): the assets of a tile are read item by item,
+#: each item's bands in a row, so the tile's few granule geometries are all that need to be
+#: kept; more would only hold earlier tiles' maps (memory growing with the region).
+INDEX_CACHE_SIZE = 16
 #: Source pixels added around the source window computed from the output window's bounds.
 SOURCE_MARGIN_PX = 4
 
