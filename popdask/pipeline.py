@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from popdask import __version__, regression, store, terms
 from popdask.census import read_census
+from popdask.cluster import release_memory
 from popdask.config import Config
 from popdask.grid import Grid, Tile
 from popdask.model import PixelModel, fit_model, sample_tile
@@ -190,6 +191,8 @@ def _write_composite(
     """One task's end: write the tile's composite and its share of the fit's sample."""
     store.write_arrays(path, tile, {"composite": data}, so)
     store.write_sample(path, index, sample_tile(data, n, seed), so)
+    del data
+    release_memory()
 
 
 def composite_pass(
@@ -299,11 +302,14 @@ def _label_tile(
     comp = store.read_window(path, "composite", tile.ys, tile.xs, so)
     labels = model.labels(comp)
     store.write_arrays(path, tile, {"cluster": labels}, so)
-    if layer is None:
-        return _tile_cells(labels, None, model.n_clusters, cell_px)
-    values = _intensity(comp, model.kinds)
-    store.write_layer(path, store.TERMS, layer, tile, values, so)
-    return _tile_cells(labels, values, model.n_clusters, cell_px)
+    values = None
+    if layer is not None:
+        values = _intensity(comp, model.kinds)
+        store.write_layer(path, store.TERMS, layer, tile, values, so)
+    del comp
+    out = _tile_cells(labels, values, model.n_clusters, cell_px)
+    release_memory()
+    return out
 
 
 def _stored_cells(
@@ -372,7 +378,9 @@ def _tile_context_fractions(
     values = terms.context(labels, pilot, sigma_px)[iy, ix]
     store.write_layer(path, store.TERMS, layer, t, values, so)
     top = float(values.max()) if values.size else 0.0
-    return terms.weighted_fractions(labels[iy, ix], values[None], k, cell_px), top
+    out = terms.weighted_fractions(labels[iy, ix], values[None], k, cell_px), top
+    release_memory()
+    return out
 
 
 def context_fractions(
@@ -607,6 +615,8 @@ def _predict_tile(
         counts=counts,
     )
     store.write_arrays(path, t, res, so)
+    del labels, values, res
+    release_memory()
 
 
 def predict_pass(
