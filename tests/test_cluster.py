@@ -35,3 +35,32 @@ def test_a_users_allocator_setting_wins(monkeypatch):
         (seen,) = client.run(_malloc_env).values()
     assert seen.pop("MALLOC_TRIM_THRESHOLD_") == "131072"
     assert set(seen.values()) == {None}  # nothing of ours added
+
+
+def test_release_memory_hands_freed_heap_back(tmp_path):
+    """With a trim threshold that keeps freed blocks (as WORKER_MALLOC does), memory a task
+    freed stays with the process until release_memory hands it back."""
+    import subprocess
+    import sys
+
+    code = """
+import numpy as np, psutil
+from popdask.cluster import release_memory
+rss = lambda: psutil.Process().memory_info().rss / 2**20
+blocks = [np.ones(2**20 // 8) for _ in range(300)]  # 300 MB of 1 MB blocks, on the heap
+del blocks
+kept = rss()
+release_memory()
+print(kept, rss())
+"""
+    env = {
+        **os.environ,
+        "MALLOC_TRIM_THRESHOLD_": str(2**30),
+        "MALLOC_MMAP_THRESHOLD_": str(2**25),
+        "MALLOC_ARENA_MAX": "1",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    kept, after = map(float, out.stdout.split())
+    assert kept - after > 200, (kept, after)
