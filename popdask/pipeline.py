@@ -296,6 +296,26 @@ def _intensity(comp: np.ndarray, kinds: Sequence[str]) -> np.ndarray:
     return terms.intensity(comp[li] if li else None, comp[ri] if ri else None)
 
 
+def _cells_and_intensity(
+    path: str,
+    so: dict,
+    tile: Tile,
+    labels: np.ndarray,
+    comp: np.ndarray | None,
+    kinds: Sequence[str],
+    k: int,
+    layer: int | None,
+    cell_px: int,
+) -> TileCells:
+    """The tile's cells' fractions; with ``layer``, also its intensity (from ``comp``, bands
+    of ``kinds``), written as layer ``layer`` of ``terms`` and weighted into fractions."""
+    values = None
+    if layer is not None:
+        values = _intensity(comp, kinds)
+        store.write_layer(path, store.TERMS, layer, tile, values, so)
+    return _tile_cells(labels, values, k, cell_px)
+
+
 def _label_tile(
     path: str, so: dict, tile: Tile, model: PixelModel, layer: int | None, cell_px: int
 ) -> TileCells:
@@ -305,11 +325,8 @@ def _label_tile(
     comp = store.read_window(path, "composite", tile.ys, tile.xs, so)
     labels = model.labels(comp)
     store.write_arrays(path, tile, {"cluster": labels}, so)
-    values = None
-    if layer is not None:
-        values = _intensity(comp, model.kinds)
-        store.write_layer(path, store.TERMS, layer, tile, values, so)
-    return _tile_cells(labels, values, model.n_clusters, cell_px)
+    k = model.n_clusters
+    return _cells_and_intensity(path, so, tile, labels, comp, model.kinds, k, layer, cell_px)
 
 
 def _stored_cells(
@@ -318,13 +335,13 @@ def _stored_cells(
     """One task: what :func:`_label_tile` returns (and writes of ``terms``), for a tile
     labelled by an earlier run."""
     labels = store.read_window(path, "cluster", tile.ys, tile.xs, so)
-    if layer is None:
-        return _tile_cells(labels, None, k, cell_px)
     li, ri = terms.intensity_bands(kinds)
-    comp = store.read_window(path, "composite", tile.ys, tile.xs, so, index=li + ri)
-    values = _intensity(comp, [kinds[i] for i in li + ri])
-    store.write_layer(path, store.TERMS, layer, tile, values, so)
-    return _tile_cells(labels, values, k, cell_px)
+    bands = [] if layer is None else li + ri  # the intensity's bands only
+    comp = None
+    if bands:
+        comp = store.read_window(path, "composite", tile.ys, tile.xs, so, index=bands)
+    sub = [kinds[i] for i in bands]
+    return _cells_and_intensity(path, so, tile, labels, comp, sub, k, layer, cell_px)
 
 
 def _layer(names: Sequence[str], name: str) -> int | None:

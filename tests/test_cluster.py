@@ -14,25 +14,27 @@ def _malloc_env() -> dict[str, str | None]:
     return {k: os.environ.get(k) for k in WORKER_MALLOC}
 
 
-def test_local_workers_start_with_popdasks_allocator_settings(monkeypatch):
-    # what a LocalCluster with distributed's defaults leaves in this process's environment
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+def _workers_env(monkeypatch, trim: str) -> dict[str, str | None]:
+    """The allocator settings a popdask local worker starts with, when this process's
+    environment holds ``MALLOC_TRIM_THRESHOLD_=trim`` and none of the others."""
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", trim)
     for k in set(WORKER_MALLOC) - {"MALLOC_TRIM_THRESHOLD_"}:
         monkeypatch.delenv(k, raising=False)
     with get_client(CFG) as client:
         (seen,) = client.run(_malloc_env).values()
-    assert seen == WORKER_MALLOC
+    return seen
+
+
+def test_local_workers_start_with_popdasks_allocator_settings(monkeypatch):
+    # 65536: what a LocalCluster with distributed's defaults leaves in this environment
+    assert _workers_env(monkeypatch, "65536") == WORKER_MALLOC
     # and the environment of this process is as it was
     assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"
     assert not set(WORKER_MALLOC) - {"MALLOC_TRIM_THRESHOLD_"} & set(os.environ)
 
 
 def test_a_users_allocator_setting_wins(monkeypatch):
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
-    for k in set(WORKER_MALLOC) - {"MALLOC_TRIM_THRESHOLD_"}:
-        monkeypatch.delenv(k, raising=False)
-    with get_client(CFG) as client:
-        (seen,) = client.run(_malloc_env).values()
+    seen = _workers_env(monkeypatch, "131072")
     assert seen.pop("MALLOC_TRIM_THRESHOLD_") == "131072"
     assert set(seen.values()) == {None}  # nothing of ours added
 

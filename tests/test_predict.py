@@ -113,27 +113,11 @@ def test_tile_with_halo_equals_whole_region():
 
 
 def test_a_window_that_cuts_cells_needs_their_counts():
-    lab = np.zeros((12, 12), np.int16)
+    lab = np.zeros((12, 12), np.int16)  # from pixel 3 of its first cell: 3 cells a side
+    kw = dict(cell_px=CPX, resolution=20, sigma=1.0, inner=(slice(2, 7), slice(2, 7)))
     with pytest.raises(ValueError, match="counts="):
-        predict_window(
-            lab,
-            np.full((3, 3), 10.0),
-            DENS,
-            cell_px=CPX,
-            resolution=20,
-            sigma=1.0,
-            inner=(slice(2, 7), slice(2, 7)),
-            offset=(3, 3),
-        )
+        predict_window(lab, np.full((3, 3), 10.0), DENS, offset=(3, 3), **kw)
     with pytest.raises(ValueError, match="does not match"):
         predict_window(
-            lab,
-            np.full((4, 4), 10.0),
-            DENS,
-            cell_px=CPX,
-            resolution=20,
-            sigma=1.0,
-            inner=(slice(2, 7), slice(2, 7)),
-            offset=(3, 3),
-            counts=np.ones((4, 4)),
+            lab, np.full((4, 4), 10.0), DENS, offset=(3, 3), counts=np.ones((4, 4)), **kw
         )
