@@ -492,7 +492,6 @@ def density_fit(
     fractions, wint, int_top = _region_cells(
         client, cfg, grid, model, dict(cells or {}), _layer(names, "intensity")
     )
-    layers = list(names)  # the order of the stored layers (names may be dropped below)
     F = fractions.reshape(-1, k)
     census = store.read_census(path, so).reshape(-1).astype(np.float64)
     valid = F.sum(axis=1)
@@ -533,7 +532,7 @@ def density_fit(
                     pilot,
                     sigma_px,
                     k,
-                    layers.index("context"),
+                    names.index("context"),  # the order of the stored layers
                     batch=cfg.cluster.batch_tiles,
                 )
                 columns.append(wctx)
