@@ -179,7 +179,7 @@ def radar_composite(
 
     ``scale``/``offset`` (``(time, band)``, optional) turn DNs into linear power first.
     """
-    med = nanmedian_time(mosaic_scaled(stack, groups, scale=scale, offset=offset))
+    med = median_composite(stack, groups=groups, scale=scale, offset=offset)
     with np.errstate(divide="ignore", invalid="ignore"):
         return (10.0 * np.log10(np.maximum(med, 1e-6))).astype(np.float32)
 
