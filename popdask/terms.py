@@ -21,7 +21,12 @@ Two covariates (``regression.terms``):
 ``context``
     How populated the neighbourhood is: a first ("pilot") fit's densities painted on the labels
     and smoothed with a Gaussian of ``context_radius`` metres, divided by the largest pilot
-    density. A house among houses holds more people than the same roof among fields.
+    density, then saturated by ``log1p(a c) / log1p(a)`` (`saturate`, ``a = 20``). A house
+    among houses holds more people than the same roof among fields; the saturation makes the
+    step from fields to a suburb count about as much as the step from a suburb to a core. It
+    lifted the real cells (regression module docstring) from 0.7777 / 564.1 to 0.8046 / 540.2
+    (R² / MAE) and, on the demo, the 1 km CV R² from 0.9235 to 0.9271 and the 20 m R² against
+    the truth from 0.598 to 0.612.
 
 All functions are pure NumPy on tiles (no I/O); the pipeline feeds them windows with a halo
 of `context_halo` pixels so tile-by-tile equals whole-region.
@@ -42,6 +47,7 @@ TERMS = ("intensity", "context")
 LIGHTS_SATURATION = 100.0  # nW cm-2 sr-1: log1p scaled so that this radiance maps to 1
 DB_RANGE = (-25.0, 5.0)  # backscatter mapped linearly to 0…1 over this range
 TRUNCATE = 4.0  # Gaussian kernel radius in sigmas
+CONTEXT_SATURATION = 20.0  # context mapped by log1p(a c) / log1p(a): concave, 0 → 0, 1 → 1
 
 
 def intensity_bands(kinds: Sequence[str]) -> tuple[list[int], list[int]]:
@@ -136,10 +142,24 @@ def context(labels: np.ndarray, pilot: np.ndarray, sigma_px: float) -> np.ndarra
     lut = np.append(pilot / top, 0.0).astype(np.float32)
     lab = np.asarray(labels)
     painted = lut[np.where(lab < 0, len(lut) - 1, lab)]
-    if sigma_px <= 0:
-        return painted
-    out = gaussian_filter(painted, sigma=sigma_px, mode="mirror", truncate=TRUNCATE)
-    return np.clip(out, 0.0, 1.0, out=out)
+    if sigma_px > 0:
+        out = gaussian_filter(painted, sigma=sigma_px, mode="mirror", truncate=TRUNCATE)
+    else:
+        out = painted.copy()
+    return saturate(np.clip(out, 0.0, 1.0, out=out), out=out)
+
+
+def saturate(values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """The context's response ``log1p(a · c) / log1p(a)`` (``a = CONTEXT_SATURATION``).
+
+    Concave and increasing on [0, 1] with 0 → 0 and 1 → 1: a neighbourhood a twentieth as
+    populated as the densest already gets a third of the full context.
+    """
+    a = np.float32(CONTEXT_SATURATION)
+    out = np.multiply(values, a, out=out)
+    np.log1p(out, out=out)
+    out /= np.log1p(a)
+    return out
 
 
 def weighted_fractions(

@@ -50,13 +50,24 @@ def test_context_paints_and_smooths_the_pilot(labels):
     pilot = np.array([0.0, 100.0, 200.0, 400.0])
     painted = terms.context(labels, pilot, 0)
     np.testing.assert_allclose(painted[labels == 3], 1.0)
-    np.testing.assert_allclose(painted[labels == 1], 0.25)
-    assert (painted[labels == -1] == 0).all()
+    # a quarter of the densest pilot density, through the saturating response
+    a = terms.CONTEXT_SATURATION
+    np.testing.assert_allclose(painted[labels == 1], np.log1p(0.25 * a) / np.log1p(a), rtol=1e-6)
+    assert (painted[labels == 0] == 0).all() and (painted[labels == -1] == 0).all()
     smooth = terms.context(labels, pilot, 2.0)
     assert smooth.min() >= 0 and smooth.max() <= 1
     # inside the dense block the neighbourhood is dense; outside it is mixed
     assert smooth[15, 17] > 0.9 > smooth[25, 35]
     assert (terms.context(labels, np.zeros(4), 2.0) == 0).all()
+
+
+def test_saturate_is_concave_and_keeps_the_unit_range():
+    c = np.linspace(0, 1, 101, dtype=np.float32)
+    s = terms.saturate(c)
+    assert s[0] == 0 and s[-1] == pytest.approx(1.0)
+    assert (np.diff(s) > 0).all() and (np.diff(s, 2) < 0).all()  # increasing, concave
+    assert (s >= c).all()  # a sparse neighbourhood gets more than its linear share
+    assert c[5] == np.float32(0.05)  # the input is not overwritten without out=
 
 
 def test_weighted_fractions_with_unit_weights_are_the_fractions(labels):
