@@ -58,4 +58,10 @@ def test_scale_benchmark_smallest_region(tmp_path, capsys):
     assert set(r["prototype_s"]) == {"fit", "label_predict"}
     assert len(list((tmp_path / "work" / "4km" / "prototype").glob("pop_*.tif"))) == 1
     assert doc["projection"]["core_hours"] > 0
+    (summary,) = doc["summary"]  # one run: the medians are that run's figures
+    assert summary["reps"] == 1 and summary["timings_s"] == r["timings_s"]
+    for name, ratio in r["ratio"].items():
+        assert summary["ratio"][name] == pytest.approx(ratio)
+        assert summary["ratio_range"][name] == pytest.approx([ratio, ratio])
+    assert summary["peak_rss_mb"] == r["peak_rss_mb"]
     assert "composite" in capsys.readouterr().out
