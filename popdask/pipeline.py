@@ -789,6 +789,7 @@ def run(
         census=census,
         attrs={"config": cfg.to_dict(), "popdask_version": __version__},
         storage_options=so,
+        terms=active_terms(cfg, kinds),
     )
     log.info("store: %s %s", "created" if created else "resuming", path)
     store.update_attrs(

@@ -200,8 +200,12 @@ def create(
     census: xr.DataArray,
     attrs: Mapping[str, Any],
     storage_options=None,
+    terms: Sequence[str] = (),
 ) -> bool:
     """Create the store, or check that an existing one belongs to this run.
+
+    ``terms`` names the run's covariate layers: a new store gets its ``terms`` array (see
+    :func:`ensure_terms`) before its metadata is consolidated, so no pass has to add it later.
 
     Returns
     -------
@@ -255,6 +259,8 @@ def create(
             "bucket exists, output.storage_options (e.g. endpoint_url) and the credentials "
             "in the environment"
         ) from e
+    if terms:
+        _create_terms(open_group(path, storage_options), terms)
     consolidate(path, storage_options)
     return True
 
@@ -394,9 +400,15 @@ def ensure_terms(path: str, names: Sequence[str], storage_options=None) -> None:
     composite nor the context's halo. Kept when it already holds these names, else replaced.
     """
     g = open_group(path, storage_options)
-    names = list(names)
-    if TERMS in g and list(g[TERMS].attrs.get("terms", [])) == names:
+    if TERMS in g and list(g[TERMS].attrs.get("terms", [])) == list(names):
         return
+    _create_terms(g, names)
+    consolidate(path, storage_options)
+
+
+def _create_terms(g: zarr.Group, names: Sequence[str]) -> None:
+    """The ``terms`` array and its ``term`` coordinate in the root group ``g`` (replaced)."""
+    names = list(names)
     ref = g["cluster"]
     arr = g.create_array(
         TERMS,
@@ -419,7 +431,6 @@ def ensure_terms(path: str, names: Sequence[str], storage_options=None) -> None:
             "_CRS": dict(ref.attrs.get("_CRS", {})),
         }
     )
-    consolidate(path, storage_options)
 
 
 def write_layer(

@@ -117,6 +117,23 @@ def test_term_layers_are_made_kept_and_replaced(path, grid):
     assert list(ds.term.values) == ["context"] and np.isnan(ds.terms.values).all()
 
 
+def test_a_new_store_has_its_term_layers(tmp_path, grid, census):
+    p = str(tmp_path / "terms.zarr")
+    names = ["intensity", "context"]
+    kw = dict(bands=["B02"], kinds=["reflectance"], census=census, attrs={})
+    assert store.create(p, grid, terms=names, **kw)
+    ds = xr.open_zarr(p)  # in the consolidated metadata from the start
+    assert list(ds.term.values) == names and ds.terms.shape == (2, *grid.shape)
+    assert ds.terms.rio.crs.to_epsg() == 3035
+    t = grid.tiles()[0]
+    values = np.ones(t.shape, np.float32)
+    store.write_layer(p, store.TERMS, 0, t, values)
+    store.ensure_terms(p, names)  # what the label pass calls: the array is kept
+    np.testing.assert_array_equal(store.read_window(p, store.TERMS, t.ys, t.xs)[0], values)
+    assert not store.create(p, grid, terms=["context"], **kw)  # resumed: left as it is
+    assert list(xr.open_zarr(p).term.values) == names
+
+
 def test_read_census_is_what_xarray_decodes(path):
     np.testing.assert_array_equal(store.read_census(path), xr.open_zarr(path).census.values)
     assert np.isnan(store.read_census(path)[0, 1])
