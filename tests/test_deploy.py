@@ -778,8 +778,8 @@ def test_dockerfile():
 
 def test_dockerfile_gives_workers_popdasks_allocator_settings(tmp_path):
     """The image's dask configuration carries popdask.cluster.WORKER_MALLOC into the
-    nanny's pre-spawn environment: the RUN's own commands, run here against a temporary
-    config folder in place of /etc/dask."""
+    nanny's pre-spawn environment and turns the workers' profiler off: the RUN's own
+    commands, run here against a temporary config folder in place of /etc/dask."""
     import os
 
     (run,) = [r for w, r in _instructions() if w == "RUN" and "/etc/dask/popdask.yaml" in r]
@@ -792,7 +792,12 @@ def test_dockerfile_gives_workers_popdasks_allocator_settings(tmp_path):
     from popdask.cluster import WORKER_MALLOC
 
     written = yaml.safe_load((tmp_path / "popdask.yaml").read_text())
-    assert written == {"distributed": {"nanny": {"pre-spawn-environ": WORKER_MALLOC}}}
+    assert written == {
+        "distributed": {
+            "nanny": {"pre-spawn-environ": WORKER_MALLOC},
+            "worker": {"profile": {"enabled": False}},
+        }
+    }
 
 
 def test_dockerfile_build_context_is_the_repository_root():
