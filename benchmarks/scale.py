@@ -175,9 +175,7 @@ def generate(size_km: int, work: Path, *, seed: int = 0):
     return region, gen_s, cog_bytes
 
 
-def run_popdask(
-    size_km: int, work: Path, client, region, *, clusters: int | None, gen_s: float, cog_bytes: int
-) -> dict:
+def run_popdask(size_km: int, work: Path, client, region, *, clusters: int | None) -> dict:
     """One run of the pipeline on the generated ``region``, with its measurements."""
     from popdask.config import config_from_dict
     from popdask.demo import demo_config
@@ -214,7 +212,6 @@ def run_popdask(
         "size_km": size_km,
         "pixels": ny * nx,
         "tiles": len(cfg.make_grid().tiles()),
-        "generate_s": gen_s,
         "timings_s": result.timings,
         "peak_rss_mb": {k: v / 2**20 for k, v in sampler.peak.items()},
         "peak_rss_mb_by_pass": {
@@ -222,7 +219,6 @@ def run_popdask(
         },
         "max_graph_tasks": max(client.run_on_scheduler(_graph_sizes) or [0]),
         "bytes_read_by_workers": rchar,
-        "cog_bytes": cog_bytes,
         "spilled_bytes": spilled,
         "store": str(out / "popdask-demo.zarr"),
         "data": str(work / "data"),
@@ -472,15 +468,8 @@ def main(argv=None) -> dict:
         for size in args.sizes:
             region, gen_s, cog_bytes = generate(size, work / f"{size}km")
             for rep in range(args.reps):
-                r = run_popdask(
-                    size,
-                    work / f"{size}km",
-                    client,
-                    region,
-                    clusters=args.clusters,
-                    gen_s=gen_s if rep == 0 else 0.0,
-                    cog_bytes=cog_bytes,
-                )
+                r = run_popdask(size, work / f"{size}km", client, region, clusters=args.clusters)
+                r.update(generate_s=gen_s if rep == 0 else 0.0, cog_bytes=cog_bytes)
                 r["rep"] = rep
                 # the limits right after popdask's run, so both see the machine alike
                 r["raw_read_s"] = raw_read(Path(r["data"]))
