@@ -30,6 +30,7 @@ import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 import zarr
 
+from popdask.chunkio import ChunkArray
 from popdask.grid import CRS, Grid, Tile
 
 MISSING, COMPOSITED, LABELLED, COMPLETE, FAILED = 0, 1, 2, 3, -1
@@ -284,9 +285,9 @@ def tile_status(path: str, storage_options=None) -> np.ndarray:
 
 def set_status(path: str, tiles: list[Tile], code: int, storage_options=None) -> None:
     """Mark ``tiles`` with ``code`` (each tile is its own chunk, so this is atomic per tile)."""
-    arr = open_array(path, "tile_status", storage_options)
+    arr = ChunkArray(path, "tile_status", storage_options)
     for t in tiles:
-        arr[t.row, t.col] = code
+        arr.write((t.row, t.col), code)
 
 
 def write_tile(
@@ -327,15 +328,15 @@ def read_window(
     index: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Stored values of ``name`` in the window ``ys, xs`` (pixels, or cells for cell
-    variables), read with Zarr inside the calling task (no dask graph).
+    variables), read inside the calling task (no dask graph, no zarr event loop: see
+    :mod:`popdask.chunkio`).
 
     ``index`` picks entries of a leading axis (the composite's bands); default all.
     """
-    arr = open_array(path, name, storage_options, mode="r")
+    arr = ChunkArray(path, name, storage_options)
     if arr.ndim == 3:
-        lead = slice(None) if index is None else list(index)
-        return np.asarray(arr.get_orthogonal_selection((lead, ys, xs)))
-    return np.asarray(arr[ys, xs])
+        return arr.read((slice(None) if index is None else list(index), ys, xs))
+    return arr.read((ys, xs))
 
 
 SAMPLE_GROUP = "sample"
@@ -437,7 +438,7 @@ def write_layer(
     path: str, name: str, index: int, tile: Tile, values: np.ndarray, storage_options=None
 ) -> None:
     """Write one tile of layer ``index`` of the ``(layer, y, x)`` variable ``name``."""
-    open_array(path, name, storage_options)[index, tile.ys, tile.xs] = values
+    ChunkArray(path, name, storage_options).write((index, tile.ys, tile.xs), values)
 
 
 def read_census(path: str, storage_options=None) -> np.ndarray:
@@ -454,15 +455,14 @@ def band_kinds(path: str, storage_options=None) -> list[str]:
 def write_arrays(
     path: str, tile: Tile, variables: Mapping[str, np.ndarray], storage_options=None
 ) -> None:
-    """Write one tile's NumPy arrays with Zarr from the calling task (chunk-aligned, so
-    each chunk is replaced whole). Pixel variables cover ``tile.ys``/``tile.xs``, cell
+    """Write one tile's NumPy arrays from the calling task (chunk-aligned, so each chunk
+    is replaced whole; :mod:`popdask.chunkio`). Pixel variables cover ``tile.ys``/``tile.xs``, cell
     variables (``y_cell``, ``x_cell``) ``tile.ys_cell``/``tile.xs_cell``."""
     for name, values in variables.items():
-        arr = open_array(path, name, storage_options)
-        dims = arr.attrs.get("_ARRAY_DIMENSIONS", [])
-        cell = "y_cell" in dims
+        arr = ChunkArray(path, name, storage_options)
+        cell = "y_cell" in arr.attrs.get("_ARRAY_DIMENSIONS", [])
         ys, xs = (tile.ys_cell, tile.xs_cell) if cell else (tile.ys, tile.xs)
-        arr[..., ys, xs] = values
+        arr.write((slice(None),) * (arr.ndim - 2) + (ys, xs), values)
 
 
 def update_attrs(path: str, attrs: Mapping[str, Any], storage_options=None) -> None:

@@ -1,0 +1,102 @@
+"""ChunkArray reads and writes the bytes zarr does, in the calling thread."""
+
+import os
+
+import numcodecs
+import numpy as np
+import pytest
+import zarr
+
+from popdask.chunkio import ChunkArray
+
+BLOSC = numcodecs.Blosc(cname="zstd", clevel=1, shuffle=numcodecs.Blosc.SHUFFLE)
+
+
+def make(root, name="a", *, shape=(10, 9), chunks=(4, 4), dtype="f4", fill=np.nan, **kw):
+    """A Zarr v2 array as popdask's store makes them (Blosc, edge chunks cut by the shape)."""
+    return zarr.create_array(
+        str(root),
+        name=name,
+        shape=shape,
+        chunks=chunks,
+        dtype=dtype,
+        fill_value=fill,
+        zarr_format=2,
+        compressors=kw.pop("compressors", [BLOSC]),
+        **kw,
+    )
+
+
+@pytest.fixture
+def values():
+    return np.random.default_rng(0).normal(size=(10, 9)).astype(np.float32)
+
+
+def test_reads_any_window_zarr_wrote(tmp_path, values):
+    make(tmp_path)[...] = values
+    a = ChunkArray(str(tmp_path), "a")
+    assert (a.shape, a.chunks, a.dtype) == ((10, 9), (4, 4), np.float32)
+    for ys, xs in [(slice(0, 4), slice(0, 4)), (slice(3, 10), slice(2, 9)), (slice(None),) * 2]:
+        np.testing.assert_array_equal(a.read((ys, xs)), values[ys, xs])
+
+
+def test_zarr_reads_whole_chunks_written_here_edge_chunks_included(tmp_path, values):
+    arr = make(tmp_path)
+    a = ChunkArray(str(tmp_path), "a")
+    a.write((slice(0, 8), slice(4, 9)), values[:8, 4:])  # 2 × 2 chunks, the right ones cut
+    a.write((slice(8, 10), slice(0, 4)), values[8:, :4])  # a bottom edge chunk
+    got = arr[...]
+    np.testing.assert_array_equal(got[:8, 4:], values[:8, 4:])
+    np.testing.assert_array_equal(got[8:, :4], values[8:, :4])
+    assert np.isnan(got[:8, :4]).all()  # never written: the fill value
+    assert not [f for f in os.listdir(tmp_path / "a") if f.endswith(".partial")]
+
+
+def test_leading_index_lists_and_scalars(tmp_path):
+    v = np.arange(3 * 10 * 9, dtype=np.int16).reshape(3, 10, 9)
+    make(tmp_path, "c", shape=v.shape, chunks=(1, 4, 4), dtype="i2", fill=-1)[...] = v
+    a = ChunkArray(str(tmp_path), "c")
+    np.testing.assert_array_equal(a.read(([2, 0], slice(1, 9), slice(3, 8))), v[[2, 0], 1:9, 3:8])
+    np.testing.assert_array_equal(a.read((1, slice(0, 4), slice(0, 4))), v[1, :4, :4])
+    a.write((1, slice(4, 8), slice(0, 4)), np.full((4, 4), 7, np.int16))
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "c"))[1, 4:8, :4], 7)
+
+
+def test_missing_chunks_read_as_the_fill_value(tmp_path):
+    arr = make(tmp_path, "c", dtype="i2", fill=-1)
+    arr[:4, :4] = 5
+    got = ChunkArray(str(tmp_path), "c").read((slice(0, 8), slice(0, 8)))
+    assert (got[:4, :4] == 5).all() and (got[4:, :] == -1).all() and (got[:, 4:] == -1).all()
+
+
+def test_a_write_that_cuts_a_chunk_is_refused_and_writes_nothing(tmp_path, values):
+    arr = make(tmp_path)
+    arr[...] = values
+    a = ChunkArray(str(tmp_path), "a")
+    before = sorted(os.listdir(tmp_path / "a"))
+    with pytest.raises(ValueError, match="whole chunks"):
+        a.write((slice(0, 4), slice(2, 6)), np.zeros((4, 4), np.float32))
+    assert sorted(os.listdir(tmp_path / "a")) == before
+    np.testing.assert_array_equal(arr[...], values)
+
+
+def test_nested_keys_and_no_compressor(tmp_path, values):
+    arr = make(tmp_path, compressors=None, chunk_key_encoding={"name": "v2", "separator": "/"})
+    a = ChunkArray(str(tmp_path), "a")
+    assert a.codec is None and a.key((1, 2)).endswith("a/1/2")
+    a.write((slice(4, 8), slice(0, 4)), values[4:8, :4])
+    np.testing.assert_array_equal(arr[4:8, :4], values[4:8, :4])
+    np.testing.assert_array_equal(a.read((slice(4, 8), slice(0, 4))), values[4:8, :4])
+
+
+def test_fsspec_urls(values):
+    arr = make("memory://chunkio-test")
+    a = ChunkArray("memory://chunkio-test", "a")
+    a.write((slice(0, 4), slice(0, 8)), values[:4, :8])
+    np.testing.assert_array_equal(arr[:4, :8], values[:4, :8])
+    np.testing.assert_array_equal(a.read((slice(0, 6), slice(0, 9)))[:4, :8], values[:4, :8])
+
+
+def test_a_missing_array_is_a_key_error(tmp_path):
+    with pytest.raises(KeyError, match="no Zarr v2 array 'nope'"):
+        ChunkArray(str(tmp_path), "nope")
