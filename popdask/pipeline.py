@@ -84,15 +84,19 @@ def _run_tiles(
     bar = tqdm(total=len(tiles), desc=desc, unit="tile", disable=not progress)
     for start in range(0, len(tiles), batch):
         chunk = tiles[start : start + batch]
-        futures = {}
+        built: list[tuple[Tile, Any]] = []
         for t in chunk:
             try:
-                futures[client.compute(build(t))] = t
+                built.append((t, build(t)))
             except Exception as e:  # building the graph failed (catalog, metadata)
                 failed[t.id] = f"{type(e).__name__}: {e}"
                 log.error("%s: tile %s failed while building: %s", desc, t.id, e)
                 store.set_status(path, [t], store.FAILED, storage_options)
                 bar.update()
+        # one submission for the batch (a future per tile): the scheduler gets one message
+        futures = dict(
+            zip(client.compute([d for _, d in built]), (t for t, _ in built), strict=True)
+        )
         for fut in as_completed(list(futures)):
             t = futures[fut]
             try:
