@@ -21,6 +21,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,12 +73,14 @@ def _run_tiles(
     batch: int,
     desc: str,
     progress: bool,
+    settle: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
     """Compute ``build(tile)`` (a delayed write) for every tile, in batches.
 
     Each tile is marked ``done_code`` as soon as its write has finished, or failed (-1).
     Returns ``{tile id: task result}`` of the tiles computed. Raises :class:`PipelineError`
-    if any failed.
+    if any failed. ``settle`` is called once the tiles are done, before the store's
+    attributes are touched (a write of the caller's still running, say).
     """
     failed: dict[str, str] = {}
     done: dict[str, Any] = {}
@@ -117,6 +120,8 @@ def _run_tiles(
                 fut.release()
                 bar.update()
     bar.close()
+    if settle is not None:
+        settle()
     key = f"failed_{desc}"  # what failed; {} again once a rerun has recovered every tile
     if failed or store.open_group(path, storage_options, mode="r").attrs.get(key):
         store.update_attrs(path, {key: failed}, storage_options)
@@ -138,9 +143,10 @@ def _tile_pass(
     done_code: int,
     desc: str,
     progress: bool,
+    settle: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
     """Run ``build`` on every tile whose status is below ``done_code`` (the resume);
-    ``{tile id: result}`` of the tiles computed."""
+    ``{tile id: result}`` of the tiles computed (``settle``: see :func:`_run_tiles`)."""
     path, so = cfg.output.store, cfg.output.storage_options
     status = store.tile_status(path, so)
     todo = [t for t in grid.tiles() if status[t.row, t.col] < done_code]
@@ -155,6 +161,7 @@ def _tile_pass(
         batch=cfg.cluster.batch_tiles,
         desc=desc,
         progress=progress,
+        settle=settle,
     )
 
 
@@ -480,6 +487,8 @@ def density_fit(
     grid: Grid,
     model: PixelModel,
     cells: dict[str, TileCells] | None = None,
+    *,
+    save: bool = True,
 ) -> dict[str, Any]:
     """Cluster fractions per cell (``cells`` from the label pass, the store for the rest),
     then the bounded fit.
@@ -487,6 +496,9 @@ def density_fit(
     With covariate terms (``regression.terms``), a pilot fit on the fractions alone comes
     first (the context term paints its densities); the final fit is on the fractions and the
     covariate-weighted fractions together (:mod:`popdask.terms`).
+
+    The fit is saved in the store's ``regression`` group (:func:`save_fit`), unless ``save``
+    is False: :func:`run` saves it while the predict pass runs, which reads none of it.
     """
     path, so = cfg.output.store, dict(cfg.output.storage_options)
     k = model.n_clusters
@@ -574,7 +586,6 @@ def density_fit(
         "context_sigma_px": sigma_px,
         "cv_without_terms": cv_plain,
     }
-    store.save_arrays(path, "regression", arrays, attrs, so)
     log.info(
         "regression: %d cells, terms %s, in-sample R² %.3f%s",
         int(usable.sum()),
@@ -582,7 +593,7 @@ def density_fit(
         insample["r2"],
         f", cross-validated R² {cv['r2']:.3f} MAE {cv['mae']:.0f}" if cv else "",
     )
-    return {
+    fit = {
         "densities": densities,
         "counts": counts,
         "pilot": pilot if "context" in names else None,
@@ -594,7 +605,16 @@ def density_fit(
         "cross_validated_without_terms": cv_plain,
         "cells_used": int(usable.sum()),
         "seconds": {"fit": fit_s, "cv": cv_s},
+        "group": {"arrays": arrays, "attrs": attrs},  # what `save_fit` writes
     }
+    if save:
+        save_fit(path, fit, so)
+    return fit
+
+
+def save_fit(path: str, fit: dict[str, Any], storage_options=None) -> None:
+    """Write what :func:`density_fit` returned into the store's ``regression`` group."""
+    store.save_arrays(path, "regression", **fit["group"], storage_options=storage_options)
 
 
 def _predict_tile(
@@ -636,12 +656,19 @@ def _predict_tile(
 
 
 def predict_pass(
-    client: Client, cfg: Config, grid: Grid, fit: dict[str, Any], *, progress: bool
+    client: Client,
+    cfg: Config,
+    grid: Grid,
+    fit: dict[str, Any],
+    *,
+    progress: bool,
+    settle: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
     """Population, density and cell estimates of every tile not complete yet.
 
     Each tile reads its labels and term layers with a halo of the smoothing's kernel radius;
-    the cells that halo cuts are rescaled with the fit's model counts.
+    the cells that halo cuts are rescaled with the fit's model counts. ``settle`` is called
+    when the tiles are done, before the pass records its failures in the store's attributes.
     """
     path, so = cfg.output.store, dict(cfg.output.storage_options)
     census = store.read_census(path, so) if cfg.regression.rescale else None
@@ -676,7 +703,14 @@ def predict_pass(
         )
 
     return _tile_pass(
-        client, cfg, grid, build, done_code=store.COMPLETE, desc="predict", progress=progress
+        client,
+        cfg,
+        grid,
+        build,
+        done_code=store.COMPLETE,
+        desc="predict",
+        progress=progress,
+        settle=settle,
     )
 
 
@@ -819,11 +853,17 @@ def run(
     computed["label"] = list(cells)
     timings["label"] = time.perf_counter() - t
     t = time.perf_counter()
-    fit = density_fit(client, cfg, grid, model, cells)
+    fit = density_fit(client, cfg, grid, model, cells, save=False)
     timings["cv"] = fit["seconds"]["cv"]  # the reported cross-validation, not the fit
     timings["regression"] = time.perf_counter() - t - timings["cv"]
     t = time.perf_counter()
-    computed["predict"] = list(predict_pass(client, cfg, grid, fit, progress=progress))
+    # the fit is written from here while the workers predict (the predict pass takes the
+    # densities in its graphs and reads nothing of it); the pass waits for the write before
+    # it touches the store's attributes, and a failed pass still leaves the fit saved
+    with ThreadPoolExecutor(1, thread_name_prefix="popdask-save-fit") as pool:
+        saved = pool.submit(save_fit, path, fit, so)
+        predicted = predict_pass(client, cfg, grid, fit, progress=progress, settle=saved.result)
+    computed["predict"] = list(predicted)
     timings["predict"] = time.perf_counter() - t
     timings["label_predict"] = timings["label"] + timings["regression"] + timings["predict"]
 

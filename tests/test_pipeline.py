@@ -212,3 +212,39 @@ def test_label_task_and_stored_labels_give_the_same_cells(finished, tmp_path):
         assert np.nanmax(written[1]) == top and (written[1] >= 0).all()
         np.testing.assert_array_equal(written, store.read_window(path, store.TERMS, t.ys, t.xs))
         assert _stored_cells(path, {}, t, kinds, k, None, grid.cell_px)[1] is None
+
+
+def test_predict_pass_settles_after_its_tiles_and_a_failed_save_is_raised(
+    finished, dask_cluster, tmp_path
+):
+    """`run` writes the fit while the workers predict: the pass calls ``settle`` once, when
+    every tile is written and marked, and what ``settle`` raises reaches the caller."""
+    import shutil
+
+    from distributed import Client
+
+    from popdask.pipeline import density_fit, predict_pass
+
+    cfg = load_config(finished, overrides=[f"output.path={tmp_path / 'copy.zarr'}"])
+    shutil.copytree(load_config(finished).output.path, cfg.output.path)
+    grid = cfg.make_grid()
+    model = PixelModel.from_arrays(*store.load_arrays(cfg.output.path, "model"))
+    seen = []
+
+    def settle():
+        seen.append(store.tile_status(cfg.output.path).copy())
+
+    with Client(dask_cluster) as client:
+        fit = density_fit(client, cfg, grid, model, cells={}, save=False)
+        store.set_status(cfg.output.path, grid.tiles(), store.LABELLED)
+        done = predict_pass(client, cfg, grid, fit, progress=False, settle=settle)
+        assert len(done) == len(grid.tiles()) and len(seen) == 1
+        assert (seen[0] == store.COMPLETE).all()
+
+        def broken():
+            raise OSError("disk full")
+
+        store.set_status(cfg.output.path, grid.tiles()[:1], store.LABELLED)
+        with pytest.raises(OSError, match="disk full"):
+            predict_pass(client, cfg, grid, fit, progress=False, settle=broken)
+    assert (store.tile_status(cfg.output.path) == store.COMPLETE).all()
