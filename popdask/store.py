@@ -279,8 +279,8 @@ def open_store(path: str, storage_options=None) -> xr.Dataset:
 
 
 def tile_status(path: str, storage_options=None) -> np.ndarray:
-    """``(tile_row, tile_col)`` status codes."""
-    return np.asarray(open_array(path, "tile_status", storage_options, mode="r")[:])
+    """``(tile_row, tile_col)`` status codes (one chunk per tile, fetched together)."""
+    return ChunkArray(path, "tile_status", storage_options).read((slice(None), slice(None)))
 
 
 def set_status(path: str, tiles: list[Tile], code: int, storage_options=None) -> None:
