@@ -369,8 +369,11 @@ def create_sample(
 
 def write_sample(path: str, index: int, values: np.ndarray, so=None) -> None:
     """Store tile ``index``'s sample ``(n, band)`` (from the task that composited it)."""
-    open_array(path, f"{SAMPLE_GROUP}/pixels", so)[index, : len(values)] = values
-    open_array(path, f"{SAMPLE_GROUP}/count", so)[index] = len(values)
+    pixels = ChunkArray(path, f"{SAMPLE_GROUP}/pixels", so)
+    chunk = np.full(pixels.chunks[1:], np.nan, np.float32)  # the tile's whole chunk, padded
+    chunk[: len(values)] = values
+    pixels.write((index, slice(None), slice(None)), chunk)
+    ChunkArray(path, f"{SAMPLE_GROUP}/count", so).write((index,), len(values))
 
 
 def read_sample(path: str, attrs: Mapping[str, Any], so=None) -> np.ndarray | None:
@@ -381,10 +384,10 @@ def read_sample(path: str, attrs: Mapping[str, Any], so=None) -> np.ndarray | No
     g = root[SAMPLE_GROUP]
     if any(g.attrs.get(k) != v for k, v in _jsonable(dict(attrs)).items()):
         return None
-    count = np.asarray(g["count"][:])
+    count = ChunkArray(path, f"{SAMPLE_GROUP}/count", so).read((slice(None),))
     if (count < 0).any():
         return None
-    pixels = np.asarray(g["pixels"][:])
+    pixels = ChunkArray(path, f"{SAMPLE_GROUP}/pixels", so).read((slice(None),) * 3)
     keep = np.arange(pixels.shape[1])[None, :] < count[:, None]
     return pixels[keep]
 

@@ -137,3 +137,15 @@ def test_a_new_store_has_its_term_layers(tmp_path, grid, census):
 def test_read_census_is_what_xarray_decodes(path):
     np.testing.assert_array_equal(store.read_census(path), xr.open_zarr(path).census.values)
     assert np.isnan(store.read_census(path)[0, 1])
+
+
+def test_sample_is_read_back_once_every_tile_wrote_its_part(path):
+    attrs = {"sample_pixels": 10, "seed": 0}
+    store.create_sample(path, n_tiles=3, per_tile=4, n_bands=2, attrs=attrs)
+    parts = [np.arange(8, dtype=np.float32).reshape(4, 2), np.ones((2, 2), np.float32) * 9]
+    for i, part in enumerate(parts):
+        store.write_sample(path, i, part)
+    assert store.read_sample(path, attrs) is None  # tile 2 has not written yet
+    store.write_sample(path, 2, np.empty((0, 2), np.float32))  # a tile with no valid pixel
+    np.testing.assert_array_equal(store.read_sample(path, attrs), np.concatenate(parts))
+    assert store.read_sample(path, {**attrs, "seed": 1}) is None  # drawn for another run
