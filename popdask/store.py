@@ -459,8 +459,8 @@ def write_arrays(
     path: str, tile: Tile, variables: Mapping[str, np.ndarray], storage_options=None
 ) -> None:
     """Write one tile's NumPy arrays from the calling task (chunk-aligned, so each chunk
-    is replaced whole; :mod:`popdask.chunkio`). Pixel variables cover ``tile.ys``/``tile.xs``, cell
-    variables (``y_cell``, ``x_cell``) ``tile.ys_cell``/``tile.xs_cell``."""
+    is replaced whole; :mod:`popdask.chunkio`). Pixel variables cover ``tile.ys``/
+    ``tile.xs``, cell variables (``y_cell``, ``x_cell``) ``tile.ys_cell``/``tile.xs_cell``."""
     for name, values in variables.items():
         arr = ChunkArray(path, name, storage_options)
         cell = "y_cell" in arr.attrs.get("_ARRAY_DIMENSIONS", [])

@@ -67,6 +67,10 @@ def test_missing_chunks_read_as_the_fill_value(tmp_path):
     arr[:4, :4] = 5
     got = ChunkArray(str(tmp_path), "c").read((slice(0, 8), slice(0, 8)))
     assert (got[:4, :4] == 5).all() and (got[4:, :] == -1).all() and (got[:, 4:] == -1).all()
+    make(tmp_path, "never")  # no chunk at all: one missing key, then several
+    never = ChunkArray(str(tmp_path), "never")
+    assert np.isnan(never.read((slice(0, 4), slice(0, 4)))).all()
+    assert np.isnan(never.read((slice(None), slice(None)))).all()
 
 
 def test_a_write_that_cuts_a_chunk_is_refused_and_writes_nothing(tmp_path, values):
