@@ -93,8 +93,8 @@ class ChunkArray:
         if len(keys) == 1 and not isinstance(found, dict):  # fsspec returns bytes for one path
             found = {keys[0]: found}
         for idx, key in zip(indices, keys, strict=True):
-            dst = tuple(d for _, _, d in idx)
-            src = tuple(s for _, s, _ in idx)
+            dst = _orthogonal(tuple(d for _, _, d in idx))
+            src = _orthogonal(tuple(s for _, s, _ in idx))
             raw = found.get(key)
             if raw is None:
                 out[dst] = self.fill_value
@@ -179,6 +179,14 @@ class ChunkArray:
             else:
                 out.append([_index(int(i), n) for i in s])
         return out
+
+
+def _orthogonal(index: tuple) -> tuple:
+    """``index`` as NumPy takes it per axis: lists on two or more axes go through ``np.ix_``
+    (NumPy would otherwise pair them up); slices alone stay basic indexing, no copy."""
+    if sum(isinstance(i, list) for i in index) < 2:
+        return index
+    return np.ix_(*(np.arange(i.start, i.stop) if isinstance(i, slice) else i for i in index))
 
 
 def _index(i: int, n: int) -> int:

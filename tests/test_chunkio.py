@@ -58,6 +58,8 @@ def test_leading_index_lists_and_scalars(tmp_path):
     a = ChunkArray(str(tmp_path), "c")
     np.testing.assert_array_equal(a.read(([2, 0], slice(1, 9), slice(3, 8))), v[[2, 0], 1:9, 3:8])
     np.testing.assert_array_equal(a.read((1, slice(0, 4), slice(0, 4))), v[1, :4, :4])
+    got = a.read(([0, 2], slice(2, 7), [8, 0, 5]))  # lists on two axes: per axis, not paired
+    np.testing.assert_array_equal(got, v[[0, 2]][:, 2:7][:, :, [8, 0, 5]])
     a.write((1, slice(4, 8), slice(0, 4)), np.full((4, 4), 7, np.int16))
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "c"))[1, 4:8, :4], 7)
 
