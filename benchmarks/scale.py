@@ -24,6 +24,10 @@ same data and machine:
   pixel, ``predict`` per tile, fractions by a loop over the clusters, rescaling by a loop
   over the cells, Gaussian smoothing.
 
+Last, the densities fit, which runs once per run on the client over every cell and so
+does not scale per pixel, is timed on the largest region's design resampled to growing
+numbers of cells (``--densities-cells``) and extrapolated to the EU's cells.
+
 Writes ``benchmarks/results.json``; ``benchmarks/README.md`` explains the figures and the
 continental projection made from them.
 """
@@ -34,6 +38,7 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -459,6 +464,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=3, help="runs per region (medians reported)")
     ap.add_argument("--clusters", type=int, default=None, help="default: the demo's")
     ap.add_argument("--no-prototype", action="store_true", help="skip the prototype's path")
+    ap.add_argument(
+        "--densities-cells",
+        type=int,
+        nargs="+",
+        default=[1_600, 6_400, 25_600, 102_400],
+        help="cells of the densities-fit scaling (on the largest region's design)",
+    )
     ap.add_argument("--out", default=str(HERE / "results.json"))
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args(argv)
@@ -499,6 +511,8 @@ def main(argv=None) -> dict:
                     json.dumps({k: v for k, v in r.items() if k not in ("metrics",)}, default=str)
                 )
     summary = [summarise([r for r in results if r["size_km"] == size]) for size in args.sizes]
+    largest = max(summary, key=lambda r: r["pixels"])
+    densities = densities_scaling(largest["store"], args.densities_cells)
     doc = {
         "machine": {"cores": os.cpu_count()},
         "workers": 2,
@@ -506,10 +520,18 @@ def main(argv=None) -> dict:
         "reps": args.reps,
         "summary": summary,
         "results": results,
+        "densities_fit": densities,
         "projection": projection(summary),
     }
     Path(args.out).write_text(json.dumps(doc, indent=2, default=str))
     print_table(summary)
+    print(
+        "\ndensities fit, one call on the client ("
+        + ", ".join(f"{int(n):,} cells {v:.2f} s" for n, v in densities["seconds"].items())
+        + f"): ∝ cells^{densities['power']:.2f}, so ≈ {densities['eu_seconds_per_fit'] / 60:.0f}"
+        f" min for the EU's {EU_KM2 / 1e6:.1f} M cells × {densities['columns']} columns"
+        f" ({densities['eu_design_gb_float64']:.0f} GB of design in float64)"
+    )
     return doc
 
 
@@ -571,6 +593,45 @@ def projection(results: list[dict]) -> dict:
     for workers in (1, 10, 100):
         out[f"wall_hours_{workers}x4cores"] = core_h / (4 * workers)
     return out
+
+
+def densities_scaling(store_path: str, cells: list[int], seed: int = 0) -> dict:
+    """Seconds of one densities fit (`regression.fit_densities` on the run's design) as the
+    number of cells grows, and the power law through the two largest, extrapolated to the
+    EU's 4.2 million cells.
+
+    Not a per-pixel cost: the run fits once, on the client, over every cell, so the
+    per-pixel projection cannot scale it. The cells are drawn with replacement from the
+    run's known cells (fractions and count jittered by a few per cent) and grouped in 5 km
+    blocks of a square region, as the run's cross-validation groups them.
+    """
+    from popdask import regression, store
+
+    reg, _ = store.load_arrays(store_path, "regression")
+    census = store.read_census(store_path).reshape(-1).astype(np.float64)
+    known = np.isfinite(census)
+    x, y = reg["design"].astype(np.float64)[known], census[known]
+    rng = np.random.default_rng(seed)
+    seconds = {}
+    for n in sorted(cells):
+        rows = rng.integers(0, len(y), n)
+        side = math.isqrt(n - 1) + 1
+        groups = regression.block_groups((side, side), 5).reshape(-1)[:n]
+        xn = x[rows] * rng.uniform(0.97, 1.03, (n, 1))
+        yn = y[rows] * rng.uniform(0.9, 1.1, n)
+        t = time.perf_counter()
+        regression.fit_densities(xn, yn, groups)
+        seconds[n] = time.perf_counter() - t
+    (n0, s0), (n1, s1) = list(seconds.items())[-2:]
+    power = math.log(s1 / s0) / math.log(n1 / n0)
+    return {
+        "columns": int(x.shape[1]),
+        "seconds": {str(n): v for n, v in seconds.items()},
+        "power": power,
+        "eu_cells": EU_KM2,
+        "eu_seconds_per_fit": s1 * (EU_KM2 / n1) ** power,
+        "eu_design_gb_float64": EU_KM2 * x.shape[1] * 8 / 1e9,
+    }
 
 
 def limits(r: dict) -> dict[str, float]:

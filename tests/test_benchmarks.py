@@ -30,6 +30,9 @@ def test_scale_benchmark_smallest_region(tmp_path, capsys):
             str(out),
             "--workdir",
             str(tmp_path / "work"),
+            "--densities-cells",
+            "60",
+            "240",
         ]
     )
     doc = json.loads(out.read_text())
@@ -58,6 +61,12 @@ def test_scale_benchmark_smallest_region(tmp_path, capsys):
     assert set(r["prototype_s"]) == {"fit", "label_predict"}
     assert len(list((tmp_path / "work" / "4km" / "prototype").glob("pop_*.tif"))) == 1
     assert doc["projection"]["core_hours"] > 0
+    dens = doc["densities_fit"]  # timed on the run's own design, extrapolated by its power law
+    assert list(dens["seconds"]) == ["60", "240"] and all(v > 0 for v in dens["seconds"].values())
+    assert dens["columns"] % 20 == 0 and dens["eu_seconds_per_fit"] > 0
+    assert dens["eu_seconds_per_fit"] == pytest.approx(
+        dens["seconds"]["240"] * (dens["eu_cells"] / 240) ** dens["power"]
+    )
     (summary,) = doc["summary"]  # one run: the medians are that run's figures
     assert summary["reps"] == 1 and summary["timings_s"] == r["timings_s"]
     for name, ratio in r["ratio"].items():
