@@ -485,9 +485,8 @@ def save_arrays(
     """Write plain arrays and attrs into a subgroup (e.g. the model). Replaces the group."""
     root = open_group(path, storage_options)
     g = root.create_group(group, overwrite=True)
-    for name, arr in arrays.items():
-        arr = np.asarray(arr)
-        g.create_array(name, shape=arr.shape, dtype=arr.dtype, overwrite=True)[...] = arr
+    for name, arr in arrays.items():  # made and written in one call
+        g.create_array(name, data=np.asarray(arr), overwrite=True)
     g.attrs.update(_jsonable(attrs))
 
 
