@@ -89,9 +89,7 @@ class ChunkArray:
         per_axis = [self._chunks_of(p, c) for p, c in zip(picks, self.chunks, strict=True)]
         indices = list(itertools.product(*(list(a) for a in per_axis)))
         keys = [self.key(tuple(ci for ci, _, _ in idx)) for idx in indices]
-        found = self.fs.cat(keys, on_error="omit") if keys else {}
-        if len(keys) == 1 and not isinstance(found, dict):  # fsspec returns bytes for one path
-            found = {keys[0]: found}
+        found = self.fs.cat(keys, on_error="omit") if keys else {}  # a list: always a dict
         for idx, key in zip(indices, keys, strict=True):
             dst = _orthogonal(tuple(d for _, _, d in idx))
             src = _orthogonal(tuple(s for _, s, _ in idx))
