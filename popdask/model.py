@@ -245,9 +245,11 @@ def fit_model(
     z[~np.isfinite(z)] = 0.0
     z = z.astype(np.float64)
     n_comp = min(components, z.shape[1])
-    # The sample already sits in this process: fit it here on threads rather than ship it
-    # to the cluster (it is small; the region never has to fit in memory).
-    with dask.config.set(scheduler="threads"):
+    # The sample already sits in this process: fit it here rather than ship it to the
+    # cluster (it is small; the region never has to fit in memory). Synchronously: each of
+    # dask-ml's steps is a chain of small blocks, which a thread pool only adds hand-offs
+    # to (the same model bit for bit; benchmarks/README.md).
+    with dask.config.set(scheduler="sync"):
         comps, pmean, ev = _fit_pca(z, n_comp, block_rows)
         p = ((z - pmean) @ comps.T) / np.sqrt(ev)
         centroids = _fit_kmeans(p, clusters, seed=seed, block_rows=block_rows, epochs=epochs)
