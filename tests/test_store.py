@@ -50,9 +50,18 @@ def test_contract_variables_dims_and_crs(path, grid):
 
 
 def test_gdal_reads_population(path, grid):
+    t = grid.tiles()[1]
+    pop = np.random.default_rng(0).gamma(1.0, 3.0, t.shape).astype(np.float32)
+    labels = np.arange(pop.size, dtype=np.int16).reshape(t.shape) % 100
+    store.write_arrays(path, t, {"population": pop, "cluster": labels})
     with rasterio.open(f'ZARR:"{path}":/population') as src:
         assert src.width == 150 and src.height == 100
         assert src.crs is not None and src.crs.to_epsg() == 3035
+        got = src.read(1)  # decoded by GDAL's own Blosc, whatever codec the layers use
+    np.testing.assert_array_equal(got[t.ys, t.xs], pop)
+    assert np.isnan(got[:, : t.xs.start]).all()
+    with rasterio.open(f'ZARR:"{path}":/cluster') as src:
+        np.testing.assert_array_equal(src.read(1)[t.ys, t.xs], labels)
 
 
 def test_tile_write_and_status(path, grid):
