@@ -123,7 +123,7 @@ def _run_tiles(
     if settle is not None:
         settle()
     key = f"failed_{desc}"  # what failed; {} again once a rerun has recovered every tile
-    if failed or store.open_group(path, storage_options, mode="r").attrs.get(key):
+    if failed or store.root_attrs(path, storage_options).get(key):
         store.update_attrs(path, {key: failed}, storage_options)
     if failed:
         raise PipelineError(
@@ -674,8 +674,8 @@ def predict_pass(
     census = store.read_census(path, so) if cfg.regression.rescale else None
     sigma = cfg.regression.smooth_sigma
     names = list(fit.get("terms") or [])
-    stored = store.open_group(path, so, mode="r")[store.TERMS].attrs["terms"] if names else []
-    layers = [list(stored).index(n) for n in names]
+    stored = (store.term_names(path, so) or []) if names else []
+    layers = [stored.index(n) for n in names]
     halo = halo_px(sigma)
     cpx = grid.cell_px
     # small arrays ride in each tile's graph (as tasks of their own they would pull every

@@ -24,13 +24,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import dask.array as da
+import fsspec
 import numcodecs
 import numpy as np
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 import zarr
 
-from popdask.chunkio import ChunkArray
+from popdask.chunkio import ChunkArray, put, write_array
 from popdask.grid import CRS, Grid, Tile
 
 MISSING, COMPOSITED, LABELLED, COMPLETE, FAILED = 0, 1, 2, 3, -1
@@ -405,11 +406,18 @@ def ensure_terms(path: str, names: Sequence[str], storage_options=None) -> None:
     context by the densities fit) and read by the predict pass, so that it needs neither the
     composite nor the context's halo. Kept when it already holds these names, else replaced.
     """
-    g = open_group(path, storage_options)
-    if TERMS in g and list(g[TERMS].attrs.get("terms", [])) == list(names):
+    if term_names(path, storage_options) == list(names):
         return
-    _create_terms(g, names)
+    _create_terms(open_group(path, storage_options), names)
     consolidate(path, storage_options)
+
+
+def term_names(path: str, storage_options=None) -> list[str] | None:
+    """The names of the stored ``terms`` layers, in order (None: the store has none)."""
+    try:
+        return list(ChunkArray(path, TERMS, storage_options).attrs.get("terms", []))
+    except KeyError:
+        return None
 
 
 def _create_terms(g: zarr.Group, names: Sequence[str]) -> None:
@@ -449,7 +457,17 @@ def write_layer(
 def read_census(path: str, storage_options=None) -> np.ndarray:
     """The stored ``census`` ``(y_cell, x_cell)`` float32, NaN where unknown (written as
     such by :func:`create`; one array read, no dataset opened)."""
-    return np.asarray(open_array(path, "census", storage_options, mode="r")[...], np.float32)
+    arr = ChunkArray(path, "census", storage_options)
+    return np.asarray(arr.read((slice(None), slice(None))), np.float32)
+
+
+def root_attrs(path: str, storage_options=None) -> dict[str, Any]:
+    """The store's root attributes, read without opening the group."""
+    fs, root = fsspec.core.url_to_fs(str(path), **dict(storage_options or {}))
+    try:
+        return json.loads(fs.cat_file(f"{root.rstrip('/')}/.zattrs"))
+    except FileNotFoundError:
+        return {}
 
 
 def band_kinds(path: str, storage_options=None) -> list[str]:
@@ -484,12 +502,26 @@ def save_arrays(
     attrs: Mapping[str, Any],
     storage_options=None,
 ) -> None:
-    """Write plain arrays and attrs into a subgroup (e.g. the model). Replaces the group."""
-    root = open_group(path, storage_options)
-    g = root.create_group(group, overwrite=True)
-    for name, arr in arrays.items():  # made and written in one call
-        g.create_array(name, data=np.asarray(arr), overwrite=True)
-    g.attrs.update(_jsonable(attrs))
+    """Write plain arrays and attrs into a subgroup (e.g. the model). Replaces the group.
+
+    The arrays are written whole (:func:`popdask.chunkio.write_array`) and the group's
+    ``.zgroup`` last: a save cut short leaves no group that opens, so the next run fits
+    again instead of reading half a model.
+    """
+    fs, root = fsspec.core.url_to_fs(str(path), **dict(storage_options or {}))
+    base = f"{root.rstrip('/')}/{group.strip('/')}"
+    if fs.exists(base):
+        fs.rm(base, recursive=True)
+    for name, arr in arrays.items():
+        write_array(
+            path,
+            f"{group}/{name}",
+            np.asarray(arr),
+            codec=FAST_CODEC,
+            storage_options=storage_options,
+        )
+    put(fs, f"{base}/.zattrs", json.dumps(_jsonable(attrs), indent=2).encode())
+    put(fs, f"{base}/.zgroup", json.dumps({"zarr_format": 2}).encode())
 
 
 def load_arrays(path: str, group: str, storage_options=None) -> tuple[dict[str, np.ndarray], dict]:

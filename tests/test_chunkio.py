@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import zarr
 
-from popdask.chunkio import ChunkArray
+from popdask.chunkio import ChunkArray, write_array
 
 BLOSC = numcodecs.Blosc(cname="zstd", clevel=1, shuffle=numcodecs.Blosc.SHUFFLE)
 
@@ -106,3 +106,31 @@ def test_fsspec_urls(values):
 def test_a_missing_array_is_a_key_error(tmp_path):
     with pytest.raises(KeyError, match="no Zarr v2 array 'nope'"):
         ChunkArray(str(tmp_path), "nope")
+
+
+@pytest.mark.parametrize("dtype", ["f8", "f4", "i8", "u1", "?"])
+def test_write_array_is_read_by_zarr(tmp_path, dtype):
+    rng = np.random.default_rng(1)
+    values = (rng.normal(size=(7, 3, 2)) * 10).astype(dtype)
+    # 3 rows of 3 × 2 per chunk: three chunks, the last one partial
+    write_array(str(tmp_path), "g/a", values, codec=BLOSC, chunk_bytes=3 * 6 * values.itemsize)
+    z = zarr.open_array(str(tmp_path / "g" / "a"), mode="r")
+    assert (z.shape, z.chunks, z.dtype) == (values.shape, (3, 3, 2), values.dtype)
+    np.testing.assert_array_equal(z[...], values)
+    np.testing.assert_array_equal(ChunkArray(str(tmp_path), "g/a").read((slice(None),) * 3), values)
+    assert sorted(os.listdir(tmp_path / "g" / "a")) == [".zarray", "0.0.0", "1.0.0", "2.0.0"]
+
+
+def test_write_array_one_chunk_and_raw(tmp_path):
+    values = np.arange(5.0)
+    write_array(str(tmp_path), "b", values)  # no codec: raw bytes
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "b"), mode="r")[...], values)
+    assert os.path.getsize(tmp_path / "b" / "0") == values.nbytes
+
+
+def test_write_array_refuses_what_it_cannot_write(tmp_path):
+    with pytest.raises(ValueError, match="write it through zarr"):
+        write_array(str(tmp_path), "s", np.array(["a", "b"]))
+    with pytest.raises(ValueError, match="one dimension or more"):
+        write_array(str(tmp_path), "z", np.float64(1.0))
+    assert not os.path.exists(tmp_path / "s") and not os.path.exists(tmp_path / "z")

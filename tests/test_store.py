@@ -104,6 +104,37 @@ def test_arrays_group_round_trip(path):
         store.load_arrays(path, "nothing")
 
 
+def test_saving_arrays_replaces_the_group(path):
+    store.save_arrays(path, "fit", {"a": np.ones(3), "old": np.zeros(2)}, {"n": 1})
+    big = np.random.default_rng(0).normal(size=(3000, 1000)).astype(np.float32)  # 12 MB
+    store.save_arrays(path, "fit", {"a": np.arange(4), "big": big}, {"n": 2, "x": np.nan})
+    arrays, attrs = store.load_arrays(path, "fit")
+    assert sorted(arrays) == ["a", "big"]  # nothing left of the first save
+    np.testing.assert_array_equal(arrays["a"], np.arange(4))
+    np.testing.assert_array_equal(arrays["big"], big)
+    assert attrs["n"] == 2 and np.isnan(attrs["x"])
+    # the other variables of the store are untouched and xarray still opens it
+    assert "census" in store.open_store(path)
+
+
+def test_a_save_cut_short_leaves_no_group(path, monkeypatch):
+    from popdask import chunkio
+
+    real = chunkio.put
+
+    def put(fs, key, data):  # dies as it writes the second array
+        if key.endswith("b/0"):
+            raise OSError("killed")
+        real(fs, key, data)
+
+    monkeypatch.setattr(store, "put", put)
+    monkeypatch.setattr(chunkio, "put", put)
+    with pytest.raises(OSError, match="killed"):
+        store.save_arrays(path, "model", {"a": np.ones(3), "b": np.ones(2)}, {})
+    with pytest.raises(KeyError):  # the run fits again instead of reading half a model
+        store.load_arrays(path, "model")
+
+
 def test_term_layers_are_made_kept_and_replaced(path, grid):
     store.ensure_terms(path, ["intensity", "context"])
     t = grid.tiles()[1]
