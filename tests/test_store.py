@@ -5,6 +5,7 @@ import rasterio
 import xarray as xr
 
 from popdask import store
+from popdask.chunkio import ChunkArray
 from popdask.grid import Grid
 
 
@@ -62,6 +63,10 @@ def test_gdal_reads_population(path, grid):
     assert np.isnan(got[:, : t.xs.start]).all()
     with rasterio.open(f'ZARR:"{path}":/cluster') as src:
         np.testing.assert_array_equal(src.read(1)[t.ys, t.xs], labels)
+    comp = np.random.default_rng(1).uniform(0, 0.5, (2, *t.shape)).astype(np.float32)
+    ChunkArray(path, "composite").write((slice(None), t.ys, t.xs), comp)
+    with rasterio.open(f'ZARR:"{path}":/composite') as src:
+        np.testing.assert_array_equal(src.read()[:, t.ys, t.xs], comp)
 
 
 def test_tile_write_and_status(path, grid):
