@@ -100,11 +100,13 @@ def _run_tiles(
         futures = dict(
             zip(client.compute([d for _, d in built]), (t for t, _ in built), strict=True)
         )
-        for fut in as_completed(list(futures)):
+        # the results come with the futures, each fetched in the client's event loop as
+        # soon as its task ends (`fut.result()` here would be one round trip after another)
+        for fut, value in as_completed(list(futures), with_results=True, raise_errors=False):
             t = futures[fut]
-            try:
-                value = fut.result()
-            except Exception as e:
+            # an error comes as (type, exception, traceback), a cancellation as the error
+            e = value[1] if fut.status == "error" else value
+            if isinstance(e, BaseException):
                 failed[t.id] = f"{type(e).__name__}: {e}"
                 log.error(
                     "%s: tile %s failed: %s",
@@ -116,9 +118,8 @@ def _run_tiles(
             else:
                 store.set_status(path, [t], done_code, storage_options)
                 done[t.id] = value
-            finally:
-                fut.release()
-                bar.update()
+            fut.release()
+            bar.update()
     bar.close()
     if settle is not None:
         settle()
