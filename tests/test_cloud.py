@@ -162,6 +162,13 @@ def _assert_same_store(path: str, reference: Path, storage_options=None) -> None
     np.testing.assert_allclose(got.population.values, ref.population.values, rtol=0, atol=1e-5)
     np.testing.assert_array_equal(got.composite.values, ref.composite.values)
     assert got.attrs["stac_items"] == ref.attrs["stac_items"]
+    # the model and the fit, written whole by chunkio, read back through zarr
+    for group in ("model", "regression"):
+        arrays, attrs = store.load_arrays(path, group, storage_options)
+        want, want_attrs = store.load_arrays(str(reference), group)
+        assert sorted(arrays) == sorted(want) and attrs.keys() == want_attrs.keys()
+        for name, value in want.items():
+            np.testing.assert_allclose(arrays[name], value, rtol=1e-6, atol=1e-9)
 
 
 # --------------------------------------------------------------------------------------
