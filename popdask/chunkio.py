@@ -46,8 +46,7 @@ class ChunkArray:
     """
 
     def __init__(self, path: str, name: str, storage_options: Mapping[str, Any] | None = None):
-        self.fs, root = fsspec.core.url_to_fs(str(path), **dict(storage_options or {}))
-        self.root = f"{root.rstrip('/')}/{name.strip('/')}"
+        self.fs, self.root = resolve(path, name, storage_options)
         try:
             meta = json.loads(self.fs.cat_file(f"{self.root}/.zarray"))
         except FileNotFoundError:
@@ -213,8 +212,7 @@ def write_array(
             f"whole (got {values.dtype}, {values.ndim} dimensions); write it through zarr"
         )
     values = np.ascontiguousarray(values)
-    fs, root = fsspec.core.url_to_fs(str(path), **dict(storage_options or {}))
-    root = f"{root.rstrip('/')}/{name.strip('/')}"
+    fs, root = resolve(path, name, storage_options)
     row = values.itemsize * int(np.prod(values.shape[1:]))
     rows = max(1, min(values.shape[0], chunk_bytes // max(row, 1)))
     chunks = (rows, *values.shape[1:])
@@ -240,6 +238,15 @@ def write_array(
         data = codec.encode(block) if codec is not None else block.tobytes()
         put(fs, f"{root}/{'.'.join(map(str, (i, *(0,) * (values.ndim - 1))))}", data)
     put(fs, f"{root}/.zarray", json.dumps(meta, indent=2).encode())
+
+
+def resolve(
+    path: str, name: str, storage_options: Mapping[str, Any] | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem of the store at ``path`` (a local path or an fsspec URL) and the key of
+    ``name`` (an array, a group or a file such as ``.zattrs``) in it."""
+    fs, root = fsspec.core.url_to_fs(str(path), **dict(storage_options or {}))
+    return fs, f"{root.rstrip('/')}/{name.strip('/')}"
 
 
 def put(fs, key: str, data: bytes) -> None:

@@ -24,14 +24,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import dask.array as da
-import fsspec
 import numcodecs
 import numpy as np
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 import zarr
 
-from popdask.chunkio import ChunkArray, put, write_array
+from popdask.chunkio import ChunkArray, put, resolve, write_array
 from popdask.grid import CRS, Grid, Tile
 
 MISSING, COMPOSITED, LABELLED, COMPLETE, FAILED = 0, 1, 2, 3, -1
@@ -466,9 +465,9 @@ def read_census(path: str, storage_options=None) -> np.ndarray:
 
 def root_attrs(path: str, storage_options=None) -> dict[str, Any]:
     """The store's root attributes, read without opening the group."""
-    fs, root = fsspec.core.url_to_fs(str(path), **dict(storage_options or {}))
+    fs, key = resolve(path, ".zattrs", storage_options)
     try:
-        return json.loads(fs.cat_file(f"{root.rstrip('/')}/.zattrs"))
+        return json.loads(fs.cat_file(key))
     except FileNotFoundError:
         return {}
 
@@ -511,8 +510,7 @@ def save_arrays(
     ``.zgroup`` last: a save cut short leaves no group that opens, so the next run fits
     again instead of reading half a model.
     """
-    fs, root = fsspec.core.url_to_fs(str(path), **dict(storage_options or {}))
-    base = f"{root.rstrip('/')}/{group.strip('/')}"
+    fs, base = resolve(path, group, storage_options)
     if fs.exists(base):
         fs.rm(base, recursive=True)
     for name, arr in arrays.items():
