@@ -18,7 +18,9 @@ same data and machine:
 
 - the **limit**: a raw rasterio read of the same COGs into memory (no dask), and the same
   per-pixel arithmetic in plain NumPy on arrays already in memory (masked median,
-  features, PCA projection, nearest centroid, fractions per cell, prediction);
+  features, PCA projection, nearest centroid, fractions per cell, prediction), timed in 2
+  processes at once, each on half the region, as popdask's 2 workers share the cores
+  (and, for comparison, one process's time halved);
 - the **prototype's path**: scikit-learn in memory, tile by tile — log transform,
   ``FastICA()`` and ``KMeans(n_clusters=150)`` with default settings fitted on every 73rd
   pixel, ``predict`` per tile, fractions by a loop over the clusters, rescaling by a loop
@@ -250,19 +252,130 @@ def run_popdask(size_km: int, work: Path, client, region, *, clusters: int | Non
 # --------------------------------------------------------------------------------------
 # The limits: raw reads and NumPy arithmetic in memory
 # --------------------------------------------------------------------------------------
-def raw_read(data_dir: Path) -> float:
-    """Seconds to read every COG of the region fully into memory with rasterio (no dask)."""
+def _cogs(data_dir: Path) -> list[Path]:
+    """The region's COGs (not the generator's truth and land-cover rasters), sorted."""
+    skip = ("truth.tif", "landcover.tif")
+    return sorted(p for p in Path(data_dir).rglob("*.tif") if p.name not in skip)
+
+
+def raw_read(files: list[Path]) -> float:
+    """Seconds to read ``files`` (COGs) fully into memory with rasterio (no dask)."""
     import rasterio
 
-    files = [
-        p for p in Path(data_dir).rglob("*.tif") if p.name not in ("truth.tif", "landcover.tif")
-    ]
     t = time.perf_counter()
     with rasterio.Env(GDAL_NUM_THREADS="1"):
         for f in files:
             with rasterio.open(f) as src:
                 src.read(1)
     return time.perf_counter() - t
+
+
+class _Arrays:
+    """What the NumPy limits work on, in memory: the run's composite and census over the
+    pixel rows ``rows`` of the region (whole cells), its model and its fit."""
+
+    def __init__(self, store_path: str, rows: slice = slice(None)):
+        import xarray as xr
+
+        from popdask import store
+        from popdask.model import PixelModel
+
+        ds = xr.open_zarr(store_path)
+        start, stop, _ = rows.indices(ds.composite.shape[1])
+        self.comp = ds.composite[:, start:stop].values
+        self.census = ds.census[start // 50 : stop // 50].values
+        self.kinds = list(ds.composite.attrs["band_kind"])
+        self.model = PixelModel.from_arrays(*store.load_arrays(store_path, "model"))
+        self.reg, attrs = store.load_arrays(store_path, "regression")
+        self.names = list(attrs.get("terms") or [])
+        self.sigma_px = float(attrs.get("context_sigma_px", 0.0))
+
+    @staticmethod
+    def height(store_path: str) -> int:
+        import xarray as xr
+
+        return int(xr.open_zarr(store_path).composite.shape[1])
+
+
+def _median_stack(a: _Arrays, n_dates: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """The stored reflectances as ``n_dates`` jittered dates in DN (0 = nodata) and a 20 %
+    cloud mask: what the composite's median works on."""
+    nb_s2 = sum(kd == "reflectance" for kd in a.kinds)
+    jitter = rng.uniform(0.95, 1.05, (n_dates, 1, 1, 1)).astype(np.float32)
+    stack = a.comp[None, :nb_s2] * jitter
+    dn = np.round(np.nan_to_num(stack, nan=0.0) / 1e-4).astype(np.uint16)
+    cloudy = rng.random((n_dates, 1, *a.comp.shape[1:])) < 0.2
+    return dn, cloudy
+
+
+def _median(dn: np.ndarray, cloudy: np.ndarray) -> None:
+    """Mask the cloudy observations and take np.nanmedian over the dates."""
+    refl = dn.astype(np.float32) * np.float32(1e-4)
+    refl[(dn == 0) | np.broadcast_to(cloudy, refl.shape)] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels
+        np.nanmedian(refl, axis=0)
+
+
+def _timer(out: dict[str, float]):
+    """``step(name, fn)``: calls ``fn``, records its seconds as ``out[name]``."""
+
+    def step(name, fn):
+        t = time.perf_counter()
+        result = fn()
+        out[name] = time.perf_counter() - t
+        return result
+
+    return step
+
+
+def _fractions_terms(a: _Arrays, labels: np.ndarray):
+    """The cells' design (cluster fractions and term-weighted fractions, float64) and the
+    term layers of ``labels``, as the label pass and the densities fit make them."""
+    from popdask import regression, terms
+
+    k = a.model.n_clusters
+    fr = regression.cell_fractions(labels, k).reshape(-1, k).astype(np.float64)
+    if not a.names:
+        return fr, None
+    li, ri = terms.intensity_bands(a.kinds)
+    layers = terms.pixel_terms(
+        a.names,
+        labels=labels,
+        lights=a.comp[li] if li else None,
+        radar=a.comp[ri] if ri else None,
+        pilot=a.reg.get("pilot"),
+        sigma_px=a.sigma_px,
+        scale=a.reg["term_scale"],
+    )
+    w = terms.weighted_fractions(labels, layers, k, 50)
+    return np.hstack([fr, w.reshape(fr.shape[0], -1)]), layers
+
+
+def _label_predict(a: _Arrays, step=None) -> tuple[dict[str, float], np.ndarray]:
+    """Label + predict's per-pixel steps on ``a`` (labels; fractions and terms; prediction),
+    each run through ``step(name, fn)``: ``({step: seconds}, the cells' design)`` (the
+    seconds are empty when ``step`` is given)."""
+    from popdask import predict
+
+    out: dict[str, float] = {}
+    step = step or _timer(out)
+    labels = step("label", lambda: a.model.labels(a.comp))
+    design, layers = step("fractions_terms", lambda: _fractions_terms(a, labels))
+    step(
+        "predict",
+        lambda: predict.predict_window(
+            labels,
+            a.census,
+            a.reg["densities"],
+            cell_px=50,
+            resolution=20,
+            sigma=3.0,
+            inner=(slice(0, labels.shape[0]), slice(0, labels.shape[1])),
+            terms=layers,
+        ),
+    )
+    return out, design
 
 
 def numpy_limits(store_path: str, n_dates: int = 8, sample_pixels: int = 200_000) -> dict:
@@ -272,83 +385,112 @@ def numpy_limits(store_path: str, n_dates: int = 8, sample_pixels: int = 200_000
     run stand in for a stack of ``n_dates`` cloud-masked dates, and the run's own model,
     densities and terms are applied to the whole region at once.
     """
-    import xarray as xr
     from threadpoolctl import threadpool_limits
 
-    from popdask import predict, regression, store, terms
-    from popdask.model import PixelModel
+    from popdask import regression
 
-    ds = xr.open_zarr(store_path)
-    comp = ds.composite.values
-    kinds = list(ds.composite.attrs["band_kind"])
-    model = PixelModel.from_arrays(*store.load_arrays(store_path, "model"))
-    reg, reg_attrs = store.load_arrays(store_path, "regression")
-    k = model.n_clusters
-    nb_s2 = sum(kd == "reflectance" for kd in kinds)
-    census = ds.census.values
+    a = _Arrays(store_path)
     rng = np.random.default_rng(0)
-    out = {}
+    out: dict[str, float] = {}
+    step = _timer(out)
     with threadpool_limits(1):
-        # composite: mask the cloudy observations and take np.nanmedian over the dates
-        stack = comp[None, :nb_s2] * rng.uniform(0.95, 1.05, (n_dates, 1, 1, 1)).astype(np.float32)
-        dn = np.round(np.nan_to_num(stack, nan=0.0) / 1e-4).astype(np.uint16)  # 0 = nodata
-        cloudy = rng.random((n_dates, 1, *comp.shape[1:])) < 0.2
-        t = time.perf_counter()
-        refl = dn.astype(np.float32) * np.float32(1e-4)
-        refl[(dn == 0) | np.broadcast_to(cloudy, refl.shape)] = np.nan
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels
-            np.nanmedian(refl, axis=0)
-        out["composite_median"] = time.perf_counter() - t
-        del stack, dn, refl
-
+        # the stack is made before the step is timed, and freed after it
+        step("composite_median", functools.partial(_median, *_median_stack(a, n_dates, rng)))
         # fit: the same transform, PCA and mini-batch k-means with scikit-learn in memory
-        flat = comp.reshape(comp.shape[0], -1).T
+        flat = a.comp.reshape(a.comp.shape[0], -1).T
         sample = flat[rng.choice(flat.shape[0], min(sample_pixels, flat.shape[0]), replace=False)]
-        out["fit"] = _sklearn_fit(sample, kinds, model.components.shape[0], k)
-
-        # label + predict: labels, fractions, terms, densities fit, population
+        out["fit"] = _sklearn_fit(sample, a.kinds, a.model.components.shape[0], a.model.n_clusters)
+        times, design = _label_predict(a)
+        out.update(times)
+        # the densities fit: the pilot on the cluster fractions, then the fit with the terms
+        pop = a.census.reshape(-1).astype(np.float64)
+        groups = regression.block_groups(a.census.shape, 5).reshape(-1)
         t = time.perf_counter()
-        labels = model.labels(comp)
-        out["label"] = time.perf_counter() - t
-        names = list(reg_attrs.get("terms") or [])
-        t = time.perf_counter()
-        fr = regression.cell_fractions(labels, k).reshape(-1, k).astype(np.float64)
-        layers = None
-        if names:
-            li, ri = terms.intensity_bands(kinds)
-            layers = terms.pixel_terms(
-                names,
-                labels=labels,
-                lights=comp[li] if li else None,
-                radar=comp[ri] if ri else None,
-                pilot=reg.get("pilot"),
-                sigma_px=float(reg_attrs["context_sigma_px"]),
-                scale=reg["term_scale"],
-            )
-            w = terms.weighted_fractions(labels, layers, k, 50)
-            fr = np.hstack([fr, w.reshape(fr.shape[0], -1)])
-        out["fractions_terms"] = time.perf_counter() - t
-        pop = census.reshape(-1).astype(np.float64)
-        groups = regression.block_groups(census.shape, 5).reshape(-1)
-        t = time.perf_counter()
-        regression.fit_densities(fr[:, :k], pop, groups)  # the pilot
-        if names:
-            regression.fit_densities(fr, pop, groups)
+        regression.fit_densities(design[:, : a.model.n_clusters], pop, groups)
+        if a.names:
+            regression.fit_densities(design, pop, groups)
         out["regression"] = time.perf_counter() - t
-        t = time.perf_counter()
-        predict.predict_window(
-            labels,
-            census,
-            reg["densities"],
-            cell_px=50,
-            resolution=20,
-            sigma=3.0,
-            inner=(slice(0, labels.shape[0]), slice(0, labels.shape[1])),
-            terms=layers,
-        )
-        out["predict"] = time.perf_counter() - t
     return out
+
+
+#: The per-pixel steps that popdask spreads over its workers, in the order `two_core_limits`
+#: times them.
+PARALLEL_STEPS = ("read", "median", "label", "fractions_terms", "predict")
+
+
+def two_core_limits(store_path: str, data_dir: Path, parts: int = 2) -> dict[str, float]:
+    """Seconds of the per-pixel steps done by ``parts`` processes at once, each on its share.
+
+    Each process (this script with ``--limit-part``) loads its band of rows of the region,
+    picks every ``parts``-th COG and runs label + predict once, untimed; then for each step of
+    :data:`PARALLEL_STEPS` all start together, and the step takes as long as the slowest.
+    This is what plain NumPy gets from the 2 cores when both work, which is less than twice
+    what one process gets alone: the cores share caches and memory bandwidth (a worker's
+    label task took 16–22 % more CPU with the other worker busy than alone, 53–56 against
+    45.8 ms).
+    """
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--limit-part", store_path]
+    procs = [
+        subprocess.Popen(
+            [*cmd, str(data_dir), str(p), str(parts)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for p in range(parts)
+    ]
+
+    def answer(proc) -> str:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"limit process exited with {proc.wait()}; see its stderr")
+        return line.strip()
+
+    try:
+        for proc in procs:
+            answer(proc)  # loaded
+        out = {}
+        for step in PARALLEL_STEPS:
+            for proc in procs:
+                proc.stdin.write(step + "\n")
+                proc.stdin.flush()
+            out[step] = max(float(answer(proc)) for proc in procs)
+        return out
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def _limit_part(store_path: str, data_dir: str, part: int, parts: int) -> None:
+    """One process of `two_core_limits`: load, say so, then run each step when told."""
+    import sys
+
+    from threadpoolctl import threadpool_limits
+
+    cells = _Arrays.height(store_path) // 50
+    lo, hi = (cells * part // parts) * 50, (cells * (part + 1) // parts) * 50
+    a = _Arrays(store_path, slice(lo, hi))
+    files = _cogs(Path(data_dir))[part::parts]
+    stack = _median_stack(a, 8, np.random.default_rng(part))
+
+    def step(name, fn):
+        if sys.stdin.readline().strip() != name:
+            raise SystemExit(f"limit part {part}: expected step {name!r}")
+        t = time.perf_counter()
+        result = fn()
+        print(time.perf_counter() - t, flush=True)
+        return result
+
+    with threadpool_limits(1):
+        _label_predict(a)  # once untimed: the first calls of a fresh process import and warm up
+        print("ready", flush=True)
+        step("read", lambda: raw_read(files))
+        step("median", lambda: _median(*stack))
+        _label_predict(a, step)
 
 
 def _sklearn_fit(sample: np.ndarray, kinds, components: int, clusters: int) -> float:
@@ -473,7 +615,12 @@ def main(argv=None) -> dict:
     )
     ap.add_argument("--out", default=str(HERE / "results.json"))
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--limit-part", nargs=4, help=argparse.SUPPRESS)  # two_core_limits' own
     args = ap.parse_args(argv)
+    if args.limit_part:
+        store_path, data_dir, part, parts = args.limit_part
+        _limit_part(store_path, data_dir, int(part), int(parts))
+        return {}
 
     from distributed import Client, LocalCluster
 
@@ -500,12 +647,14 @@ def main(argv=None) -> dict:
                 r.update(generate_s=gen_s if rep == 0 else 0.0, cog_bytes=cog_bytes)
                 r["rep"] = rep
                 # the limits right after popdask's run, so both see the machine alike
-                r["raw_read_s"] = raw_read(Path(r["data"]))
+                r["raw_read_s"] = raw_read(_cogs(Path(r["data"])))
                 r["numpy_s"] = numpy_limits(r["store"])
+                r["two_core_s"] = two_core_limits(r["store"], Path(r["data"]))
                 if not args.no_prototype and rep == 0:  # its cost barely varies
                     r["prototype_s"] = prototype(r["store"], work / f"{size}km" / "prototype")
                 r["limit_s"] = limits(r)
                 r["ratio"] = {k: r["timings_s"][k] / v for k, v in r["limit_s"].items()}
+                r["limit_halved_s"] = halved_limits(r)
                 results.append(r)
                 print(
                     json.dumps({k: v for k, v in r.items() if k not in ("metrics",)}, default=str)
@@ -547,13 +696,15 @@ def summarise(reps: list[dict]) -> dict:
         return {k: max(r[key].get(k, 0.0) for r in reps) for k in reps[0][key]}
 
     first = reps[0]
-    timings, limit = median("timings_s"), median("limit_s")
+    timings, limit, halved = median("timings_s"), median("limit_s"), median("limit_halved_s")
     out = {k: first[k] for k in ("size_km", "pixels", "tiles", "cog_bytes", "store")}
     out.update(
         reps=len(reps),
         timings_s=timings,
         limit_s=limit,
         ratio={k: timings[k] / v for k, v in limit.items()},
+        limit_halved_s=halved,
+        ratio_to_halved={k: timings[k] / v for k, v in halved.items()},
         ratio_range={
             k: [min(r["ratio"][k] for r in reps), max(r["ratio"][k] for r in reps)] for k in limit
         },
@@ -635,9 +786,21 @@ def densities_scaling(store_path: str, cells: list[int], seed: int = 0) -> dict:
 
 
 def limits(r: dict) -> dict[str, float]:
-    """Each pass's limit in seconds on 2 cores: raw read + np.nanmedian for the composite,
-    scikit-learn in memory for the fit, and for label + predict the per-pixel NumPy work
-    spread over the 2 cores plus the densities fit (one process in both)."""
+    """Each pass's limit in seconds on the 2 cores: for the composite, the raw read and
+    np.nanmedian by 2 processes at once (`two_core_limits`); for the fit, scikit-learn in
+    memory; for label + predict, the per-pixel NumPy steps by 2 processes at once plus the
+    densities fit (one process in both)."""
+    two, n = r["two_core_s"], r["numpy_s"]
+    return {
+        "composite": two["read"] + two["median"],
+        "fit": n["fit"],
+        "label_predict": two["label"] + two["fractions_terms"] + two["predict"] + n["regression"],
+    }
+
+
+def halved_limits(r: dict) -> dict[str, float]:
+    """`limits` as one process's times halved, as if the 2 cores did twice one's work (the
+    limit reported before the 2-process measurement; for comparison)."""
     n = r["numpy_s"]
     return {
         "composite": (r["raw_read_s"] + n["composite_median"]) / 2,
@@ -650,7 +813,7 @@ def print_table(summary: list[dict]) -> None:
     """The table of `summarise`'s records (medians over the repetitions)."""
     print(
         f"\n{'km':>4} {'pass':<14} {'wall s':>8} {'Mpx/s/core':>11} {'limit s':>8} {'ratio':>6}"
-        "  (medians; ratio range over the repetitions)"
+        "  (medians; ratio range over the repetitions; ratio to one process's limit halved)"
     )
     for r in summary:
         mpx = r["pixels"] / 1e6
@@ -661,7 +824,8 @@ def print_table(summary: list[dict]) -> None:
             lo, hi = r["ratio_range"][name]
             print(
                 f"{r['size_km']:>4} {name:<14} {s:8.2f} {mpx / s / 2:11.3f} {limit:8.2f} "
-                f"{s / limit:6.2f}  ({lo:.2f}–{hi:.2f}, {r['reps']} runs)"
+                f"{s / limit:6.2f}  ({lo:.2f}–{hi:.2f}, {r['reps']} runs; "
+                f"{r['ratio_to_halved'][name]:.2f})"
             )
         print(
             "     label_predict = label {label:.2f} + regression {regression:.2f} + predict "

@@ -54,6 +54,15 @@ def test_scale_benchmark_smallest_region(tmp_path, capsys):
         "predict",
     }
     assert all(v > 0 for v in r["numpy_s"].values())
+    # the per-pixel limits are timed with two processes at once, each on half the region
+    assert list(r["two_core_s"]) == list(scale.PARALLEL_STEPS)
+    assert all(v > 0 for v in r["two_core_s"].values())
+    two = r["two_core_s"]
+    assert r["limit_s"]["label_predict"] == pytest.approx(
+        two["label"] + two["fractions_terms"] + two["predict"] + r["numpy_s"]["regression"]
+    )
+    assert r["limit_s"]["composite"] == pytest.approx(two["read"] + two["median"])
+    assert r["limit_halved_s"] == scale.halved_limits(r)
     assert set(r["ratio"]) == {"composite", "fit", "label_predict"}
     assert r["timings_s"]["label_predict"] == pytest.approx(
         sum(r["timings_s"][k] for k in ("label", "regression", "predict"))
@@ -73,4 +82,13 @@ def test_scale_benchmark_smallest_region(tmp_path, capsys):
         assert summary["ratio"][name] == pytest.approx(ratio)
         assert summary["ratio_range"][name] == pytest.approx([ratio, ratio])
     assert summary["peak_rss_mb"] == r["peak_rss_mb"]
+    assert summary["limit_halved_s"] == r["limit_halved_s"]
     assert "composite" in capsys.readouterr().out
+
+
+def test_two_core_limits_fail_loudly_when_a_part_dies(tmp_path):
+    spec = importlib.util.spec_from_file_location("scale", SCRIPT)
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    with pytest.raises(RuntimeError, match="limit process exited with 1"):
+        scale.two_core_limits(str(tmp_path / "missing.zarr"), tmp_path)
