@@ -271,30 +271,25 @@ def raw_read(files: list[Path]) -> float:
 
 
 class _Arrays:
-    """What the NumPy limits work on, in memory: the run's composite and census over the
-    pixel rows ``rows`` of the region (whole cells), its model and its fit."""
+    """What the NumPy limits work on, in memory: the run's composite and census (the whole
+    region, or its band of rows ``part`` of ``parts``, in whole cells), its model and fit."""
 
-    def __init__(self, store_path: str, rows: slice = slice(None)):
+    def __init__(self, store_path: str, part: int = 0, parts: int = 1):
         import xarray as xr
 
         from popdask import store
         from popdask.model import PixelModel
 
         ds = xr.open_zarr(store_path)
-        start, stop, _ = rows.indices(ds.composite.shape[1])
-        self.comp = ds.composite[:, start:stop].values
-        self.census = ds.census[start // 50 : stop // 50].values
+        cells = ds.census.shape[0]
+        lo, hi = cells * part // parts, cells * (part + 1) // parts
+        self.comp = ds.composite[:, lo * 50 : hi * 50].values
+        self.census = ds.census[lo:hi].values
         self.kinds = list(ds.composite.attrs["band_kind"])
         self.model = PixelModel.from_arrays(*store.load_arrays(store_path, "model"))
         self.reg, attrs = store.load_arrays(store_path, "regression")
         self.names = list(attrs.get("terms") or [])
         self.sigma_px = float(attrs.get("context_sigma_px", 0.0))
-
-    @staticmethod
-    def height(store_path: str) -> int:
-        import xarray as xr
-
-        return int(xr.open_zarr(store_path).composite.shape[1])
 
 
 def _median_stack(a: _Arrays, n_dates: int, rng) -> tuple[np.ndarray, np.ndarray]:
@@ -471,18 +466,17 @@ def _limit_part(store_path: str, data_dir: str, part: int, parts: int) -> None:
 
     from threadpoolctl import threadpool_limits
 
-    cells = _Arrays.height(store_path) // 50
-    lo, hi = (cells * part // parts) * 50, (cells * (part + 1) // parts) * 50
-    a = _Arrays(store_path, slice(lo, hi))
+    a = _Arrays(store_path, part, parts)
     files = _cogs(Path(data_dir))[part::parts]
     stack = _median_stack(a, 8, np.random.default_rng(part))
+    seconds: dict[str, float] = {}
+    timed = _timer(seconds)
 
     def step(name, fn):
         if sys.stdin.readline().strip() != name:
             raise SystemExit(f"limit part {part}: expected step {name!r}")
-        t = time.perf_counter()
-        result = fn()
-        print(time.perf_counter() - t, flush=True)
+        result = timed(name, fn)
+        print(seconds[name], flush=True)
         return result
 
     with threadpool_limits(1):
