@@ -458,6 +458,8 @@ def two_core_limits(store_path: str, data_dir: Path, parts: int = 2) -> dict[str
         for proc in procs:
             proc.kill()
             proc.wait()
+            proc.stdin.close()
+            proc.stdout.close()
 
 
 def _limit_part(store_path: str, data_dir: str, part: int, parts: int) -> None:
