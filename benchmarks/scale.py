@@ -755,8 +755,8 @@ def densities_scaling(store_path: str, cells: list[int], seed: int = 0) -> dict:
     from popdask import regression, store
 
     reg, _ = store.load_arrays(store_path, "regression")
-    census = store.read_census(store_path).reshape(-1).astype(np.float64)
-    known = np.isfinite(census)
+    census = store.read_census(store_path).reshape(-1).astype(np.float64)[reg["cells"]]
+    known = np.isfinite(census)  # the design's rows are the fit's cells
     x, y = reg["design"].astype(np.float64)[known], census[known]
     rng = np.random.default_rng(seed)
     seconds = {}

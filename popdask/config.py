@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -189,6 +190,9 @@ class RegressionConfig(_Model):
     terms: list[Literal["intensity", "context"]] = ["intensity", "context"]
     #: Gaussian sigma in metres of the neighbourhood of the context term
     context_radius: float = Field(200.0, gt=0)
+    #: census cells the densities fit sees at the most (a uniform sample of the known
+    #: cells beyond that: popdask.reductions); every cell of a region below it
+    fit_cells: int = Field(200_000, ge=100)
 
 
 class OutputConfig(_Model):
@@ -221,11 +225,21 @@ class ClusterConfig(_Model):
     image: str | None = None
     resources: dict[str, Any] = {}
     namespace: str | None = None
-    batch_tiles: int = Field(16, gt=0)
+    #: tiles in flight per worker thread (popdask.scheduler), re-read as the cluster scales
+    tiles_per_thread: float = Field(2.0, ge=1.0)
+    #: replaced by tiles_per_thread (tiles are no longer submitted in batches); ignored
+    batch_tiles: int | None = Field(None, gt=0)
     timeout: float = Field(300, gt=0)  # seconds to wait for a cluster and its first worker
 
     @model_validator(mode="after")
     def _needs(self) -> ClusterConfig:
+        if self.batch_tiles is not None:
+            warnings.warn(
+                "cluster.batch_tiles is ignored: tiles are kept in flight as earlier ones "
+                "finish; set cluster.tiles_per_thread (default 2) instead",
+                FutureWarning,
+                stacklevel=2,
+            )
         if self.kind == "address" and not self.address:
             raise ValueError("cluster.kind 'address' needs cluster.address: tcp://HOST:8786")
         return self

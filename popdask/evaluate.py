@@ -808,6 +808,17 @@ def _region_terms(ds, reg: Mapping, reg_attrs: Mapping) -> np.ndarray | None:
     )
 
 
+def _design_cells(reg: Mapping, cell_shape: tuple[int, int]) -> np.ndarray:
+    """The fit's design rows placed on the ``(y_cell, x_cell, column)`` cells; cells the fit
+    did not see (``cells`` names those it did) are NaN, so they are never scored."""
+    design = np.asarray(reg["design"], dtype=np.float64)
+    if "cells" not in reg:  # a store whose fit saw every cell in raster order
+        return design.reshape(*cell_shape, design.shape[-1])
+    out = np.full((cell_shape[0] * cell_shape[1], design.shape[-1]), np.nan)
+    out[np.asarray(reg["cells"], np.int64)] = design
+    return out.reshape(*cell_shape, design.shape[-1])
+
+
 def _n_clusters(path: str, so, densities: np.ndarray | None, attrs: Mapping) -> int:
     if densities is not None:
         return int(densities.shape[0])
@@ -903,8 +914,7 @@ def evaluate(
     run_terms = list(reg_attrs.get("terms") or []) if "design" in reg else []
     if "design" in reg:  # the run's fit columns: cluster fractions, then weighted ones
         k = int(reg_attrs["n_clusters"])
-        fractions = np.asarray(reg["design"], dtype=np.float64)
-        fractions = fractions.reshape(*ds.census.shape, fractions.shape[-1])
+        fractions = _design_cells(reg, ds.census.shape)
         names = ["clusters", *(reg_attrs.get("terms") or [])]
         coarse_columns = [
             j * k + c for j, name in enumerate(names) if name != "context" for c in range(k)

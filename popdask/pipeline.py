@@ -3,16 +3,17 @@
 1. **composite** — per tile: STAC items → stackstac → masked medians → ``composite``.
 2. **fit** — a pixel sample from the stored composites of all tiles → :class:`PixelModel`.
 3. **label** — per tile: ``cluster`` (and the ``intensity`` layer of ``terms``); the task
-   returns its cells' cluster fractions and intensity-weighted fractions. Then a pilot fit,
-   the ``context`` layer and its weighted fractions (:mod:`popdask.terms`, per tile with the
-   context's halo), and the bounded fit of densities on all cells (saved with its design
-   matrix in the store's ``regression`` group); then **predict** — per tile with the
-   smoothing's halo: ``population``, ``density``, ``predicted``.
+   returns its sampled cells' cluster fractions and intensity-weighted fractions. Then a
+   pilot fit, the ``context`` layer and its weighted fractions (:mod:`popdask.terms`, per
+   tile with the context's halo), and the bounded fit of densities on the sampled cells
+   (saved with its design rows in the store's ``regression`` group); then **predict** — per
+   tile with whole cells around it: ``population``, ``density``, ``predicted``.
 
-Each pass submits per-tile graphs in batches of ``cluster.batch_tiles`` tiles, marks each
-tile in ``tile_status`` as soon as its write has finished, and skips tiles already done,
-so a rerun resumes where a killed run stopped. Only :mod:`popdask.sources` and
-:mod:`popdask.store` touch data; this module decides what runs where.
+Every pass reads: tiles → one task per tile (:mod:`popdask.tasks`) kept in flight by
+:func:`popdask.scheduler.map_tiles` → a reduction of the tasks' small results
+(:mod:`popdask.reductions`). Each task marks its tile in ``tile_status`` once its writes
+have finished; tiles already done are skipped, so a rerun resumes where a killed run
+stopped. Nothing the client holds grows with the region beyond per-tile summaries.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,21 +29,31 @@ from typing import Any
 
 import dask
 import numpy as np
-from distributed import Client, as_completed
-from tqdm.auto import tqdm
+from distributed import Client
 
-from popdask import __version__, regression, store, terms
+from popdask import __version__, regression, store, tasks, terms
 from popdask.census import read_census
-from popdask.cluster import release_memory
 from popdask.config import Config
 from popdask.grid import Grid, Tile
 from popdask.model import PixelModel, fit_model, sample_tile
-from popdask.predict import halo_px, predict_window, window_cells
+from popdask.predict import halo_px
+from popdask.reductions import (
+    CellRows,
+    Totals,
+    block_groups_of,
+    concat_rows,
+    sample_share,
+    sum_totals,
+)
+from popdask.scheduler import WindowStats, map_tiles
 from popdask.sources import SourceItems, region_lonlat, search_sources, tile_composite
 
 log = logging.getLogger(__name__)
 
 CV_BLOCK = 5000  # metres: spatial block used as the group in cross-validation
+#: Failed tiles named in the store's ``failed_{pass}`` attribute at the most (all are
+#: marked in ``tile_status``; the attribute keeps the first errors and the count).
+FAILED_LISTED = 1000
 
 
 class PipelineError(RuntimeError):
@@ -60,8 +71,12 @@ class RunResult:
 
 
 # --------------------------------------------------------------------------------------
-# Tile batches on the cluster
+# Tiles on the cluster
 # --------------------------------------------------------------------------------------
+def _error_text(e: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(e), e)).strip()
+
+
 def _run_tiles(
     client: Client,
     tiles: Sequence[Tile],
@@ -69,58 +84,46 @@ def _run_tiles(
     *,
     path: str,
     storage_options: dict,
-    done_code: int,
-    batch: int,
     desc: str,
     progress: bool,
+    per_thread: float,
+    reduce: Callable[[Tile, Any], None] | None = None,
     settle: Callable[[], Any] | None = None,
-) -> dict[str, Any]:
-    """Compute ``build(tile)`` (a delayed write) for every tile, in batches.
+    stats: WindowStats | None = None,
+) -> list[str]:
+    """Compute ``build(tile)`` (a delayed write that marks its tile) for every tile.
 
-    Each tile is marked ``done_code`` as soon as its write has finished, or failed (-1).
-    Returns ``{tile id: task result}`` of the tiles computed. Raises :class:`PipelineError`
-    if any failed. ``settle`` is called once the tiles are done, before the store's
-    attributes are touched (a write of the caller's still running, say).
+    Tiles are kept in flight by :func:`popdask.scheduler.map_tiles`; each result goes to
+    ``reduce(tile, value)`` as it arrives. A tile that fails is marked failed (-1). Returns
+    the ids of the tiles computed. Raises :class:`PipelineError` if any failed. ``settle``
+    is called once the tiles are done, before the store's attributes are touched (a write
+    of the caller's still running, say).
     """
     failed: dict[str, str] = {}
-    done: dict[str, Any] = {}
-    bar = tqdm(total=len(tiles), desc=desc, unit="tile", disable=not progress)
-    for start in range(0, len(tiles), batch):
-        chunk = tiles[start : start + batch]
-        built: list[tuple[Tile, Any]] = []
-        for t in chunk:
-            try:
-                built.append((t, build(t)))
-            except Exception as e:  # building the graph failed (catalog, metadata)
-                failed[t.id] = f"{type(e).__name__}: {e}"
-                log.error("%s: tile %s failed while building: %s", desc, t.id, e)
-                store.set_status(path, [t], store.FAILED, storage_options)
-                bar.update()
-        # one submission for the batch (a future per tile): the scheduler gets one message
-        futures = dict(
-            zip(client.compute([d for _, d in built]), (t for t, _ in built), strict=True)
-        )
-        # the results come with the futures, each fetched in the client's event loop as
-        # soon as its task ends (`fut.result()` here would be one round trip after another)
-        for fut, value in as_completed(list(futures), with_results=True, raise_errors=False):
-            t = futures[fut]
-            # an error comes as (type, exception, traceback), a cancellation as the error
-            e = value[1] if fut.status == "error" else value
-            if isinstance(e, BaseException):
-                failed[t.id] = f"{type(e).__name__}: {e}"
-                log.error(
-                    "%s: tile %s failed: %s",
-                    desc,
-                    t.id,
-                    "".join(traceback.format_exception_only(type(e), e)).strip(),
-                )
-                store.set_status(path, [t], store.FAILED, storage_options)
-            else:
-                store.set_status(path, [t], done_code, storage_options)
-                done[t.id] = value
-            fut.release()
-            bar.update()
-    bar.close()
+    n_failed = 0
+    done: list[str] = []
+    stats = WindowStats() if stats is None else stats
+    results = map_tiles(
+        client, tiles, build, desc=desc, progress=progress, per_thread=per_thread, stats=stats
+    )
+    for r in results:
+        if r.ok:
+            done.append(r.tile.id)
+            if reduce is not None:
+                reduce(r.tile, r.value)
+            continue
+        n_failed += 1
+        if len(failed) < FAILED_LISTED:
+            failed[r.tile.id] = f"{type(r.error).__name__}: {r.error}"
+        log.error("%s: tile %s failed: %s", desc, r.tile.id, _error_text(r.error))
+        store.set_status(path, [r.tile], store.FAILED, storage_options)
+    log.info(
+        "%s: %d tiles, at most %d in flight for %d worker threads",
+        desc,
+        stats.finished + n_failed,
+        stats.peak_in_flight,
+        stats.threads,
+    )
     if settle is not None:
         settle()
     key = f"failed_{desc}"  # what failed; {} again once a rerun has recovered every tile
@@ -128,7 +131,7 @@ def _run_tiles(
         store.update_attrs(path, {key: failed}, storage_options)
     if failed:
         raise PipelineError(
-            f"{len(failed)} tile(s) failed in the {desc} pass ({sorted(failed)[:5]}...); "
+            f"{n_failed} tile(s) failed in the {desc} pass ({sorted(failed)[:5]}...); "
             f"they are recorded in the store; rerun the same command to retry them. "
             f"First error: {next(iter(failed.values()))}"
         )
@@ -139,46 +142,53 @@ def _tile_pass(
     client: Client,
     cfg: Config,
     grid: Grid,
-    build: Callable[[Tile], Any],
+    build: Callable[[Tile], tuple[Callable, tuple, dict]],
     *,
     done_code: int,
     desc: str,
     progress: bool,
+    reduce: Callable[[Tile, Any], None] | None = None,
     settle: Callable[[], Any] | None = None,
-) -> dict[str, Any]:
-    """Run ``build`` on every tile whose status is below ``done_code`` (the resume);
-    ``{tile id: result}`` of the tiles computed (``settle``: see :func:`_run_tiles`)."""
+) -> list[str]:
+    """Run every tile whose status is below ``done_code`` (the resume); the ids of the
+    tiles computed (``reduce``, ``settle``: see :func:`_run_tiles`).
+
+    ``build(tile)`` gives the tile's task as ``(fn, args, kwargs)``, run on a worker as
+    ``fn(path, storage_options, tile, *args, **kwargs)`` and followed there by the tile's
+    status write (:func:`popdask.tasks.marked`).
+    """
     path, so = cfg.output.store, cfg.output.storage_options
     status = store.tile_status(path, so)
     todo = [t for t in grid.tiles() if status[t.row, t.col] < done_code]
     log.info("%s: %d of %d tiles to do", desc, len(todo), status.size)
+
+    def marked(t: Tile):  # the task marks its own tile once its writes have finished
+        fn, args, kwargs = build(t)
+        return dask.delayed(tasks.marked, pure=True)(done_code, fn, path, so, t, *args, **kwargs)
+
     return _run_tiles(
         client,
         todo,
-        build,
+        marked,
         path=path,
         storage_options=so,
-        done_code=done_code,
-        batch=cfg.cluster.batch_tiles,
         desc=desc,
         progress=progress,
+        per_thread=cfg.cluster.tiles_per_thread,
+        reduce=reduce,
         settle=settle,
     )
 
 
-def _gather_tiles(
-    client: Client, tiles: Sequence[Tile], task: Callable[[Tile], Any], batch: int
-) -> Iterator[tuple[Tile, Any]]:
-    """``(tile, result)`` of ``task(tile)`` (a delayed value) for every tile, in batches.
-
-    Small per-tile results (samples, cell arrays) come back to the client; a batch of
-    ``batch`` tiles is one graph, so the scheduler never holds a graph over the region.
-    """
-    for start in range(0, len(tiles), batch):
-        chunk = list(tiles[start : start + batch])
-        futures = client.compute([task(t) for t in chunk])
-        yield from zip(chunk, client.gather(futures), strict=True)
-        del futures
+def _gather(
+    client: Client, cfg: Config, tiles: Iterable[Tile], task: Callable[[Tile], Any]
+) -> Iterable[tuple[Tile, Any]]:
+    """``(tile, result)`` of ``task(tile)`` (a delayed value that writes no status) for
+    every tile, as the tasks finish; the first failure is raised."""
+    for r in map_tiles(client, tiles, task, per_thread=cfg.cluster.tiles_per_thread):
+        if not r.ok:
+            raise PipelineError(f"tile {r.tile.id}: {_error_text(r.error)}") from r.error
+        yield r.tile, r.value
 
 
 # --------------------------------------------------------------------------------------
@@ -195,19 +205,6 @@ def _sample_shares(cfg: Config, grid: Grid) -> dict[str, int]:
 
 def _sample_seed(cfg: Config, index: int) -> int:
     return cfg.model.seed * 1_000_003 + index
-
-
-def _write_composite(
-    path: str, so: dict, tile: Tile, index: int, data: np.ndarray, n: int, seed: int
-) -> None:
-    """One task's end: write the tile's composite and its share of the fit's sample."""
-    store.write_arrays(path, tile, {"composite": data}, so)
-    store.write_sample(path, index, sample_tile(data, n, seed), so)
-    # the largest task of a run: what it freed goes back to the system, so that a worker's
-    # memory does not creep from tile to tile (the label and predict tasks, a third of its
-    # size and short, keep theirs: trimming after each costs them ~15 %)
-    del data
-    release_memory()
 
 
 def composite_pass(
@@ -227,9 +224,7 @@ def composite_pass(
             sources, t.bounds, resolution=grid.resolution, sign=cfg.stac.sign, read=cfg.read
         )
         i = index[t.id]  # one consumer of the tile's composite: it is computed once
-        return dask.delayed(_write_composite, pure=True)(
-            path, so, t, i, data, shares[t.id], _sample_seed(cfg, i)
-        )
+        return tasks.write_composite, (i, data, shares[t.id], _sample_seed(cfg, i)), {}
 
     return _tile_pass(
         client, cfg, grid, build, done_code=store.COMPOSITED, desc="composite", progress=progress
@@ -240,6 +235,7 @@ def composite_pass(
 # Pass 2: fit the pixel model
 # --------------------------------------------------------------------------------------
 def fit_pass(client: Client, cfg: Config, grid: Grid) -> PixelModel:
+    """The pixel model saved in the store, or one fitted on the composites' pixel sample."""
     path, so = cfg.output.store, cfg.output.storage_options
     try:
         arrays, attrs = store.load_arrays(path, "model", so)
@@ -262,8 +258,9 @@ def fit_pass(client: Client, cfg: Config, grid: Grid) -> PixelModel:
             i = index[t.id]
             return dask.delayed(sample_tile)(block, shares[t.id], _sample_seed(cfg, i))
 
-        parts = [s for _, s in _gather_tiles(client, tiles, task, cfg.cluster.batch_tiles)]
-        samples = np.concatenate(parts, axis=0)
+        # bounded: sample_pixels in all
+        parts = {t.id: v for t, v in _gather(client, cfg, tiles, task)}
+        samples = np.concatenate([parts[t.id] for t in tiles], axis=0)
     bands = [str(b) for b in store.open_array(path, "band", so, mode="r")[...]]
     kinds = store.band_kinds(path, so)
     model = fit_model(
@@ -288,198 +285,104 @@ def active_terms(cfg: Config, kinds: Sequence[str]) -> list[str]:
     return [t for t in cfg.regression.terms if t != "intensity" or lights or radar]
 
 
-TileCells = tuple[np.ndarray, "np.ndarray | None", float]
-
-
-def _tile_cells(labels: np.ndarray, layer: np.ndarray | None, k: int, cell_px: int) -> TileCells:
-    """A tile's cluster fractions per cell and, given its intensity ``layer``, its raw
-    intensity-weighted fractions and largest intensity (the term that needs no pilot fit)."""
-    if layer is None:
-        return regression.cell_fractions(labels, k, cell_px=cell_px), None, 0.0
-    bins = regression.cell_cluster_index(labels, k, cell_px)  # shared by both
-    fr = regression.cell_fractions(labels, k, cell_px=cell_px, bins=bins)
-    top = float(layer.max()) if layer.size else 0.0
-    return fr, terms.weighted_fractions(labels, layer[None], k, cell_px, bins=bins), top
-
-
-def _intensity(comp: np.ndarray, kinds: Sequence[str]) -> np.ndarray:
-    """The intensity layer of composite bands ``comp`` of the given ``kinds``."""
-    li, ri = terms.intensity_bands(kinds)
-    return terms.intensity(comp[li] if li else None, comp[ri] if ri else None)
-
-
-def _cells_and_intensity(
-    path: str,
-    so: dict,
-    tile: Tile,
-    labels: np.ndarray,
-    comp: np.ndarray | None,
-    kinds: Sequence[str],
-    k: int,
-    layer: int | None,
-    cell_px: int,
-) -> TileCells:
-    """The tile's cells' fractions; with ``layer``, also its intensity (from ``comp``, bands
-    of ``kinds``), written as layer ``layer`` of ``terms`` and weighted into fractions."""
-    values = None
-    if layer is not None:
-        values = _intensity(comp, kinds)
-        store.write_layer(path, store.TERMS, layer, tile, values, so)
-    return _tile_cells(labels, values, k, cell_px)
-
-
-def _label_tile(
-    path: str, so: dict, tile: Tile, model: PixelModel, layer: int | None, cell_px: int
-) -> TileCells:
-    """One task: read the tile's composite, label it, write ``cluster`` (and, when the run
-    has the intensity term, its layer ``layer`` of ``terms``); return the cells' fractions
-    (and intensity-weighted fractions) while the composite is in memory."""
-    comp = store.read_window(path, "composite", tile.ys, tile.xs, so)
-    labels = model.labels(comp)
-    store.write_arrays(path, tile, {"cluster": labels}, so)
-    k = model.n_clusters
-    return _cells_and_intensity(path, so, tile, labels, comp, model.kinds, k, layer, cell_px)
-
-
-def _stored_cells(
-    path: str, so: dict, tile: Tile, kinds: Sequence[str], k: int, layer: int | None, cell_px: int
-) -> TileCells:
-    """One task: what :func:`_label_tile` returns (and writes of ``terms``), for a tile
-    labelled by an earlier run."""
-    labels = store.read_window(path, "cluster", tile.ys, tile.xs, so)
-    li, ri = terms.intensity_bands(kinds)
-    bands = [] if layer is None else li + ri  # the intensity's bands only
-    comp = None
-    if bands:
-        comp = store.read_window(path, "composite", tile.ys, tile.xs, so, index=bands)
-    sub = [kinds[i] for i in bands]
-    return _cells_and_intensity(path, so, tile, labels, comp, sub, k, layer, cell_px)
-
-
 def _layer(names: Sequence[str], name: str) -> int | None:
     return names.index(name) if name in names else None
 
 
+def cell_pick(cfg: Config, grid: Grid) -> tasks.CellPick:
+    """Which cells the densities fit sees: at most about ``regression.fit_cells`` of the
+    cells with a known census, the same in every task (:mod:`popdask.reductions`)."""
+    path, so = cfg.output.store, cfg.output.storage_options
+    known = store.root_attrs(path, so).get("census_known_cells")
+    if known is None:  # a store written before the count was recorded
+        known = int(np.isfinite(store.read_census(path, so)).sum())
+    share = sample_share(cfg.regression.fit_cells, int(known))
+    return tasks.CellPick(share, cfg.model.seed, grid.cell_shape[1])
+
+
 def label_pass(
     client: Client, cfg: Config, grid: Grid, model: PixelModel, *, progress: bool
-) -> dict[str, TileCells]:
-    """Label every tile not labelled yet; ``{tile id: its cells' fractions}`` of those."""
+) -> dict[str, CellRows]:
+    """Label every tile not labelled yet; ``{tile id: its picked cells' rows}`` of those."""
     path, so = cfg.output.store, dict(cfg.output.storage_options)
     names = active_terms(cfg, model.kinds)
     if names:
         store.ensure_terms(path, names, so)
     layer = _layer(names, "intensity")
+    pick = cell_pick(cfg, grid)
+    rows: dict[str, CellRows] = {}
 
     def build(t: Tile):
         # the model rides in each small graph: as a task of its own, it would pull every
         # tile's task to the worker that holds it
-        return dask.delayed(_label_tile, pure=True)(path, so, t, model, layer, grid.cell_px)
+        return tasks.label_tile, (model, layer, grid.cell_px, pick), {}
 
-    return _tile_pass(
-        client, cfg, grid, build, done_code=store.LABELLED, desc="label", progress=progress
+    def keep(t: Tile, value: CellRows) -> None:
+        rows[t.id] = value
+
+    _tile_pass(
+        client,
+        cfg,
+        grid,
+        build,
+        done_code=store.LABELLED,
+        desc="label",
+        progress=progress,
+        reduce=keep,
     )
+    return rows
 
 
-def _inner(t: Tile, ys: slice, xs: slice) -> tuple[slice, slice]:
-    """The tile's pixel slices inside the window ``ys, xs``."""
-    return (
-        slice(t.ys.start - ys.start, t.ys.stop - ys.start),
-        slice(t.xs.start - xs.start, t.xs.stop - xs.start),
-    )
-
-
-def _tile_context_fractions(
-    path: str,
-    so: dict,
-    t: Tile,
-    ys: slice,
-    xs: slice,
-    pilot: np.ndarray,
-    sigma_px: float,
-    k: int,
-    cell_px: int,
-    layer: int,
-) -> tuple[np.ndarray, float]:
-    """One task: the tile's context (written as layer ``layer`` of ``terms``), its
-    context-weighted fractions and its largest context value."""
-    labels = store.read_window(path, "cluster", ys, xs, so)
-    iy, ix = _inner(t, ys, xs)
-    values = terms.context(labels, pilot, sigma_px)[iy, ix]
-    store.write_layer(path, store.TERMS, layer, t, values, so)
-    top = float(values.max()) if values.size else 0.0
-    return terms.weighted_fractions(labels[iy, ix], values[None], k, cell_px), top
-
-
-def context_fractions(
+def context_rows(
     client: Client,
-    path: str,
-    so: dict,
+    cfg: Config,
     grid: Grid,
     pilot: np.ndarray,
     sigma_px: float,
     k: int,
     layer: int,
-    batch: int = 16,
-) -> tuple[np.ndarray, float]:
-    """Raw context-weighted cluster fractions of the whole region ``(y_cell, x_cell, k)``
-    and the largest context value (each tile read with the halo its context needs); each
-    tile's context is stored as layer ``layer`` of ``terms`` for the predict pass."""
+    pick: tasks.CellPick,
+) -> CellRows:
+    """The picked cells' raw context-weighted fractions and the largest context value (each
+    tile read with the halo its context needs); each tile's context is stored as layer
+    ``layer`` of ``terms`` for the predict pass."""
+    path, so = cfg.output.store, dict(cfg.output.storage_options)
     halo = terms.context_halo(sigma_px)
     pilot = np.asarray(pilot, np.float64)
 
     def task(t: Tile):
         ys, xs = grid.expand(t, halo)
-        return dask.delayed(_tile_context_fractions, pure=True)(
-            path, so, t, ys, xs, pilot, sigma_px, k, grid.cell_px, layer
+        return dask.delayed(tasks.context_tile, pure=True)(
+            path, so, t, ys, xs, pilot, sigma_px, k, grid.cell_px, layer, pick
         )
 
-    out = np.zeros((*grid.cell_shape, k), np.float32)
-    top = 0.0
-    for t, (arr, tmax) in _gather_tiles(client, grid.tiles(), task, batch):
-        out[t.ys_cell, t.xs_cell] = arr
-        top = max(top, tmax)
-    return out, top
+    return concat_rows(v for _, v in _gather(client, cfg, grid.tiles(), task))
 
 
-def _region_cells(
+def _region_rows(
     client: Client,
     cfg: Config,
     grid: Grid,
     model: PixelModel,
-    cells: dict[str, TileCells],
+    cells: dict[str, CellRows],
     layer: int | None,
-) -> tuple[np.ndarray, np.ndarray | None, float]:
-    """The region's fractions ``(y_cell, x_cell, k)`` (float64) and, with ``intensity``,
-    raw intensity-weighted fractions and the largest intensity: from the label pass's
-    results, and from the store for tiles labelled by an earlier run. Consumes ``cells``."""
+    pick: tasks.CellPick,
+) -> CellRows:
+    """The picked cells of the region: from the label pass's results, and from the store
+    for tiles labelled by an earlier run. Consumes ``cells``."""
     path, so = cfg.output.store, dict(cfg.output.storage_options)
-    k = model.n_clusters
-    kinds = list(model.kinds)
-    fractions = np.zeros((*grid.cell_shape, k), np.float64)
-    wint = None if layer is None else np.zeros((*grid.cell_shape, k), np.float32)
-    top = 0.0
-
-    def put(t: Tile, value: TileCells) -> None:
-        nonlocal top
-        fr, wi, tmax = value
-        fractions[t.ys_cell, t.xs_cell] = fr
-        if wint is not None:
-            wint[t.ys_cell, t.xs_cell] = wi
-            top = max(top, tmax)
-
-    missing = []
-    for t in grid.tiles():
-        if t.id in cells:
-            put(t, cells.pop(t.id))
-        else:
-            missing.append(t)
+    k, kinds = model.n_clusters, list(model.kinds)
+    missing = [t for t in grid.tiles() if t.id not in cells]
+    parts = list(cells.values())
+    cells.clear()
 
     def task(t: Tile):
-        return dask.delayed(_stored_cells, pure=True)(path, so, t, kinds, k, layer, grid.cell_px)
+        return dask.delayed(tasks.stored_cells, pure=True)(
+            path, so, t, kinds, k, layer, grid.cell_px, pick
+        )
 
-    for t, value in _gather_tiles(client, missing, task, cfg.cluster.batch_tiles):
-        put(t, value)
-    return fractions, wint, top
+    parts += [v for _, v in _gather(client, cfg, missing, task)]
+    return concat_rows(parts)
 
 
 def density_fit(
@@ -487,12 +390,12 @@ def density_fit(
     cfg: Config,
     grid: Grid,
     model: PixelModel,
-    cells: dict[str, TileCells] | None = None,
+    cells: dict[str, CellRows] | None = None,
     *,
     save: bool = True,
 ) -> dict[str, Any]:
-    """Cluster fractions per cell (``cells`` from the label pass, the store for the rest),
-    then the bounded fit.
+    """The bounded fit of densities on the picked cells (``cells`` from the label pass,
+    the store for the rest).
 
     With covariate terms (``regression.terms``), a pilot fit on the fractions alone comes
     first (the context term paints its densities); the final fit is on the fractions and the
@@ -501,20 +404,18 @@ def density_fit(
     The fit is saved in the store's ``regression`` group (:func:`save_fit`), unless ``save``
     is False: :func:`run` saves it while the predict pass runs, which reads none of it.
     """
-    path, so = cfg.output.store, dict(cfg.output.storage_options)
     k = model.n_clusters
     names = active_terms(cfg, model.kinds)
     if names:
-        store.ensure_terms(path, names, so)  # kept as it is when the label pass made it
-    fractions, wint, int_top = _region_cells(
-        client, cfg, grid, model, dict(cells or {}), _layer(names, "intensity")
+        store.ensure_terms(cfg.output.store, names, cfg.output.storage_options)
+    pick = cell_pick(cfg, grid)
+    rows = _region_rows(
+        client, cfg, grid, model, dict(cells or {}), _layer(names, "intensity"), pick
     )
-    F = fractions.reshape(-1, k)
-    census = store.read_census(path, so).reshape(-1).astype(np.float64)
-    valid = F.sum(axis=1)
-    usable = np.isfinite(census) & (census >= 0) & (valid >= cfg.regression.min_valid)
-    pop = np.where(usable, census, np.nan)
-    groups = cv_groups(grid).reshape(-1)
+    F = rows.columns["fractions"].astype(np.float64)
+    usable = F.sum(axis=1) >= cfg.regression.min_valid
+    pop = np.where(usable, rows.census, np.nan)
+    groups = block_groups_of(rows.index, grid.cell_shape[1], int(CV_BLOCK // grid.cell))
     sigma_px = terms.context_sigma_px(cfg.regression.context_radius, grid.resolution)
     n_groups = len(np.unique(groups[usable]))
     n_splits = min(5, n_groups)
@@ -537,25 +438,18 @@ def density_fit(
     if names:
         columns, tops = [], []
         for name in names:  # each term's raw weighted fractions and its largest value
-            if name == "intensity":
-                columns.append(wint)
-                tops.append(int_top)
-            else:
-                wctx, ctx_top = context_fractions(
-                    client,
-                    path,
-                    so,
-                    grid,
-                    pilot,
-                    sigma_px,
-                    k,
-                    names.index("context"),  # the order of the stored layers
-                    batch=cfg.cluster.batch_tiles,
+            if name == "context":
+                ctx = context_rows(
+                    client, cfg, grid, pilot, sigma_px, k, names.index("context"), pick
                 )
-                columns.append(wctx)
-                tops.append(ctx_top)
+                if not np.array_equal(ctx.index, rows.index):
+                    raise PipelineError("the context pass picked other cells than the label pass")
+                rows.columns["context"] = ctx.columns["context"]
+                rows.tops["context"] = ctx.tops["context"]
+            columns.append(rows.columns[name])
+            tops.append(rows.tops.get(name, 0.0))
         scale = np.array([t if t > 0 else 1.0 for t in tops])
-        W = [c.reshape(-1, k) / np.float32(s) for c, s in zip(columns, scale, strict=True)]
+        W = [c / np.float32(s) for c, s in zip(columns, scale, strict=True)]
         X_terms = np.hstack([F, *(w.astype(np.float64) for w in W)])
         del columns, W
         cv_terms = cross_validate(X_terms)
@@ -572,9 +466,12 @@ def density_fit(
             names, scale = [], None
     densities = pilot if X is F else regression.fit_densities(X, pop, groups)
     fit_s = time.perf_counter() - t0 - cv_s
-    counts = regression.predict_cells(X, densities)  # the model count of every cell
-    insample = regression.scores(pop, counts)
-    arrays = {"densities": densities, "design": X.astype(np.float32)}
+    insample = regression.scores(pop, regression.predict_cells(X, densities))
+    arrays = {
+        "densities": densities,
+        "design": X.astype(np.float32),
+        "cells": rows.index,  # the design's rows: flat (y_cell, x_cell) positions
+    }
     if "context" in names:
         arrays["pilot"] = pilot
     if scale is not None:
@@ -586,17 +483,18 @@ def density_fit(
         "terms": names,
         "context_sigma_px": sigma_px,
         "cv_without_terms": cv_plain,
+        "cell_share": pick.share,
     }
     log.info(
-        "regression: %d cells, terms %s, in-sample R² %.3f%s",
+        "regression: %d cells (a share %.3g of the known ones), terms %s, in-sample R² %.3f%s",
         int(usable.sum()),
+        pick.share,
         names or "none",
         insample["r2"],
         f", cross-validated R² {cv['r2']:.3f} MAE {cv['mae']:.0f}" if cv else "",
     )
     fit = {
         "densities": densities,
-        "counts": counts,
         "pilot": pilot if "context" in names else None,
         "terms": names,
         "term_scale": scale,
@@ -605,55 +503,18 @@ def density_fit(
         "cross_validated": cv,
         "cross_validated_without_terms": cv_plain,
         "cells_used": int(usable.sum()),
+        "cell_share": pick.share,
         "seconds": {"fit": fit_s, "cv": cv_s},
         "group": {"arrays": arrays, "attrs": attrs},  # what `save_fit` writes
     }
     if save:
-        save_fit(path, fit, so)
+        save_fit(cfg.output.store, fit, cfg.output.storage_options)
     return fit
 
 
 def save_fit(path: str, fit: dict[str, Any], storage_options=None) -> None:
     """Write what :func:`density_fit` returned into the store's ``regression`` group."""
     store.save_arrays(path, "regression", **fit["group"], storage_options=storage_options)
-
-
-def _predict_tile(
-    path: str,
-    so: dict,
-    t: Tile,
-    ys: slice,
-    xs: slice,
-    census,
-    counts,
-    densities,
-    *,
-    layers: Sequence[int],
-    scale,
-    cell_px: int,
-    resolution: float,
-    sigma: float,
-) -> None:
-    """One task: read the tile's labels and term layers with the smoothing's halo, predict,
-    write the tile."""
-    labels = store.read_window(path, "cluster", ys, xs, so)
-    values = None
-    if layers:
-        values = store.read_window(path, store.TERMS, ys, xs, so, index=list(layers))
-        values /= np.asarray(scale, np.float32)[:, None, None]
-    res = predict_window(
-        labels,
-        census,
-        densities,
-        cell_px=cell_px,
-        resolution=resolution,
-        sigma=sigma,
-        inner=_inner(t, ys, xs),
-        terms=values,
-        offset=(ys.start % cell_px, xs.start % cell_px),
-        counts=counts,
-    )
-    store.write_arrays(path, t, res, so)
 
 
 def predict_pass(
@@ -664,46 +525,42 @@ def predict_pass(
     *,
     progress: bool,
     settle: Callable[[], Any] | None = None,
-) -> dict[str, Any]:
+) -> tuple[list[str], Totals]:
     """Population, density and cell estimates of every tile not complete yet.
 
-    Each tile reads its labels and term layers with a halo of the smoothing's kernel radius;
-    the cells that halo cuts are rescaled with the fit's model counts. ``settle`` is called
-    when the tiles are done, before the pass records its failures in the store's attributes.
+    Each tile reads its labels, term layers and census with whole cells around it, at least
+    the smoothing's kernel radius wide. ``settle`` is called when the tiles are done, before
+    the pass records its failures in the store's attributes. Returns the tiles computed and
+    their totals.
     """
     path, so = cfg.output.store, dict(cfg.output.storage_options)
-    census = store.read_census(path, so) if cfg.regression.rescale else None
     sigma = cfg.regression.smooth_sigma
     names = list(fit.get("terms") or [])
     stored = (store.term_names(path, so) or []) if names else []
     layers = [stored.index(n) for n in names]
-    halo = halo_px(sigma)
     cpx = grid.cell_px
-    # small arrays ride in each tile's graph (as tasks of their own they would pull every
-    # tile's task to the worker that holds them)
+    margin = -(-halo_px(sigma) // cpx) * cpx  # the halo, rounded up to whole cells
+    # the densities ride in each tile's graph (as a task of their own they would pull
+    # every tile's task to the worker that holds them)
     dens = np.asarray(fit["densities"])
-    counts = np.asarray(fit["counts"], np.float64).reshape(grid.cell_shape)
+    kwargs = {
+        "layers": layers,
+        "scale": fit.get("term_scale"),
+        "cell_px": cpx,
+        "resolution": grid.resolution,
+        "sigma": sigma,
+        "rescale": cfg.regression.rescale,
+    }
+    totals: list[Totals] = [Totals()]
 
     def build(t: Tile):
-        ys, xs = grid.expand(t, halo)
-        cells = (window_cells(ys.start, ys.stop, cpx), window_cells(xs.start, xs.stop, cpx))
-        return dask.delayed(_predict_tile, pure=True)(
-            path,
-            so,
-            t,
-            ys,
-            xs,
-            None if census is None else census[cells],
-            counts[cells],
-            dens,
-            layers=layers,
-            scale=fit.get("term_scale"),
-            cell_px=cpx,
-            resolution=grid.resolution,
-            sigma=sigma,
-        )
+        ys, xs = grid.expand(t, margin)
+        return tasks.predict_tile, (ys, xs, dens), kwargs
 
-    return _tile_pass(
+    def add(t: Tile, value: Totals) -> None:
+        totals[0] = totals[0] + value
+
+    done = _tile_pass(
         client,
         cfg,
         grid,
@@ -711,34 +568,54 @@ def predict_pass(
         done_code=store.COMPLETE,
         desc="predict",
         progress=progress,
+        reduce=add,
         settle=settle,
     )
+    return done, totals[0]
 
 
 # --------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------
+def _stored_totals(path: str, so: dict, t: Tile, cell_px: int) -> Totals:
+    """One task: the totals of a tile predicted by an earlier run, read from the store."""
+    pop = store.read_window(path, "population", t.ys, t.xs, so)
+    census = store.read_window(path, "census", t.ys_cell, t.xs_cell, so)
+    return Totals.of_tile(pop, census.astype(np.float64), cell_px)
+
+
+def region_totals(
+    client: Client, cfg: Config, grid: Grid, totals: Totals, counted: Iterable[str]
+) -> Totals:
+    """``totals`` of the tiles ``counted`` plus those of every other tile, read from the
+    store by one small task per tile."""
+    path, so = cfg.output.store, dict(cfg.output.storage_options)
+    counted = set(counted)
+    rest = [t for t in grid.tiles() if t.id not in counted]
+
+    def task(t: Tile):
+        return dask.delayed(_stored_totals, pure=True)(path, so, t, grid.cell_px)
+
+    return totals + sum_totals(v for _, v in _gather(client, cfg, rest, task))
+
+
 def run_metrics(
     path: str,
-    grid: Grid,
     fit: dict[str, Any],
+    totals: Totals,
     storage_options=None,
     truth: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """1 km fit quality, totals, and (when the truth is known) fine-scale scores."""
-    ds = store.open_store(path, storage_options)
-    census = ds.census.values.astype(np.float64)
-    known = np.isfinite(census)
-    pop = ds.population.values.astype(np.float64)
-    cells = pop.reshape(grid.cell_shape[0], grid.cell_px, grid.cell_shape[1], grid.cell_px)
-    cell_total = cells.sum(axis=(1, 3))
+    """1 km fit quality (on the fit's cells), the region's totals (summed per tile), and,
+    when the truth is known (the demo, whose truth the caller holds), fine-scale scores."""
     out: dict[str, Any] = {
         "r2_1km_in_sample": fit["in_sample"]["r2"],
         "mae_1km_in_sample": fit["in_sample"]["mae"],
         "cells_used": fit["cells_used"],
-        "census_total_known": float(census[known].sum()),
-        "population_total": float(np.nansum(pop)),
-        "population_total_known_cells": float(cell_total[known].sum()),
+        "cell_share": fit.get("cell_share", 1.0),
+        "census_total_known": totals.census_known,
+        "population_total": totals.population,
+        "population_total_known_cells": totals.population_known_cells,
     }
     if fit["cross_validated"]:
         out["r2_1km_cv"] = fit["cross_validated"]["r2"]
@@ -753,7 +630,8 @@ def run_metrics(
             out["population_total_known_cells"] / out["census_total_known"] - 1.0
         )
     if truth is not None:
-        out.update(truth_metrics(pop, truth))
+        pop = store.open_store(path, storage_options).population.values
+        out.update(truth_metrics(pop.astype(np.float64), truth))
     return out
 
 
@@ -836,13 +714,15 @@ def run(
         {
             "stac_items": {s.name: [it.id for it in s.items] for s in sources},
             "stac_skipped": {s.name: s.skipped for s in sources},
+            "census_known_cells": int(np.isfinite(census.values).sum()),
         },
         so,
     )
+    del census
     timings["search"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    computed["composite"] = list(composite_pass(client, cfg, grid, sources, progress=progress))
+    computed["composite"] = composite_pass(client, cfg, grid, sources, progress=progress)
     timings["composite"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -863,12 +743,15 @@ def run(
     # it touches the store's attributes, and a failed pass still leaves the fit saved
     with ThreadPoolExecutor(1, thread_name_prefix="popdask-save-fit") as pool:
         saved = pool.submit(save_fit, path, fit, so)
-        predicted = predict_pass(client, cfg, grid, fit, progress=progress, settle=saved.result)
-    computed["predict"] = list(predicted)
+        predicted, totals = predict_pass(
+            client, cfg, grid, fit, progress=progress, settle=saved.result
+        )
+    computed["predict"] = predicted
     timings["predict"] = time.perf_counter() - t
     timings["label_predict"] = timings["label"] + timings["regression"] + timings["predict"]
 
-    metrics = run_metrics(path, grid, fit, so, truth=truth)
+    totals = region_totals(client, cfg, grid, totals, predicted)
+    metrics = run_metrics(path, fit, totals, so, truth=truth)
     metrics["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
     store.update_attrs(
         path, {"metrics": metrics, "model": model.summary(), "densities": fit["densities"]}, so

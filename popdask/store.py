@@ -122,6 +122,7 @@ def template(grid: Grid, bands: list[str], kinds: list[str], census: xr.DataArra
     """The lazy dataset whose metadata defines the store (no pixel data computed)."""
     ny, nx = grid.shape
     ch = grid.chunks()
+    cell_chunks = tuple(tuple(c // grid.cell_px for c in cc) for cc in ch)
     rows, cols = grid.tile_shape
     nan2 = da.full((ny, nx), np.nan, dtype=np.float32, chunks=ch)
     ds = xr.Dataset(
@@ -159,12 +160,7 @@ def template(grid: Grid, bands: list[str], kinds: list[str], census: xr.DataArra
             ),
             "predicted": (
                 ("y_cell", "x_cell"),
-                da.full(
-                    grid.cell_shape,
-                    np.nan,
-                    dtype=np.float32,
-                    chunks=tuple(tuple(c // grid.cell_px for c in cc) for cc in ch),
-                ),
+                da.full(grid.cell_shape, np.nan, dtype=np.float32, chunks=cell_chunks),
                 {"units": "persons", "long_name": "model count per cell before rescaling"},
             ),
             "tile_status": (
@@ -241,6 +237,8 @@ def create(
         "cluster": {"compressors": [FAST_CODEC]},
         **{v: {"compressors": [FAST_CODEC]} for v in ("population", "density")},
         "composite": {"compressors": [SMALL_CODEC]},
+        # one chunk per tile, so a tile task reads its own cells only
+        "census": {"chunks": (grid.tile // grid.cell,) * 2},
     }
     # one chunk per tile (atomic status updates); unwritten chunks read as 0 = missing
     ds["tile_status"] = ds["tile_status"].chunk({"tile_row": 1, "tile_col": 1})

@@ -92,7 +92,11 @@ def test_terms_are_kept_only_when_they_help_and_stay_additive(finished):
     assert set(names) <= {"intensity", "context"}
     assert arrays["densities"].shape == ((1 + len(names)) * k,)
     assert (arrays["densities"] >= 0).all()
-    assert arrays["design"].shape == (36, (1 + len(names)) * k)
+    cells = arrays["cells"]  # the design's rows: every known cell of a region this small
+    known = np.flatnonzero(np.isfinite(xr.open_zarr(path).census.values.ravel()))
+    np.testing.assert_array_equal(cells, known)
+    assert attrs["cell_share"] == 1.0
+    assert arrays["design"].shape == (len(known), (1 + len(names)) * k)
     metrics = json.loads((finished.parent / "metrics.json").read_text())
     assert metrics["terms"] == names
     if names:  # kept: not worse out of fold than the fractions alone
@@ -100,7 +104,7 @@ def test_terms_are_kept_only_when_they_help_and_stay_additive(finished):
     else:
         assert metrics["mae_1km_cv"] == attrs["cv_without_terms"]["mae"]
     ds = xr.open_zarr(path)
-    predicted = ds.predicted.values.astype(np.float64).ravel()
+    predicted = ds.predicted.values.astype(np.float64).ravel()[cells]
     np.testing.assert_allclose(
         predicted, arrays["design"].astype(np.float64) @ arrays["densities"], rtol=1e-4, atol=1e-3
     )
@@ -187,11 +191,12 @@ def test_density_fit_from_stored_labels_matches_the_label_pass(finished, dask_cl
 
 
 def test_label_task_and_stored_labels_give_the_same_cells(finished, tmp_path):
-    """What the label task returns (fractions and intensity-weighted fractions, from the
-    composite in memory) is what a resumed run reads back for a tile labelled earlier."""
+    """What the label task returns (the picked cells' fractions and intensity-weighted
+    fractions, from the composite in memory) is what a resumed run reads back for a tile
+    labelled earlier; a share below 1 picks fewer of the same cells in both."""
     import shutil
 
-    from popdask.pipeline import _label_tile, _stored_cells
+    from popdask.tasks import CellPick, label_tile, stored_cells
 
     cfg = load_config(finished, overrides=[f"output.path={tmp_path / 'copy.zarr'}"])
     shutil.copytree(load_config(finished).output.path, cfg.output.path)
@@ -199,19 +204,34 @@ def test_label_task_and_stored_labels_give_the_same_cells(finished, tmp_path):
     grid, path, k = cfg.make_grid(), cfg.output.path, model.n_clusters
     store.ensure_terms(path, ["context", "intensity"])  # intensity is layer 1
     kinds = list(model.kinds)
+    census = store.read_census(path)
+    every, half = CellPick(1.0, 0, grid.cell_shape[1]), CellPick(0.5, 0, grid.cell_shape[1])
+    picked = 0
     for t in grid.tiles():
-        fr, wint, top = _label_tile(path, {}, t, model, 1, grid.cell_px)
+        rows = label_tile(path, {}, t, model, 1, grid.cell_px, every)
         written = store.read_window(path, store.TERMS, t.ys, t.xs)
-        fr2, wint2, top2 = _stored_cells(path, {}, t, kinds, k, 1, grid.cell_px)
-        np.testing.assert_array_equal(fr, fr2)
-        np.testing.assert_array_equal(wint, wint2)
-        assert top == top2 > 0
-        assert wint.shape == fr.shape == (t.shape[0] // 50, t.shape[1] // 50, k)
+        again = stored_cells(path, {}, t, kinds, k, 1, grid.cell_px, every)
+        np.testing.assert_array_equal(rows.index, again.index)
+        for name in ("fractions", "intensity"):
+            np.testing.assert_array_equal(rows.columns[name], again.columns[name])
+        top = rows.tops["intensity"]
+        assert top == again.tops["intensity"] > 0
+        own = census[t.ys_cell, t.xs_cell]
+        assert len(rows) == np.isfinite(own).sum()  # every known cell of the tile, only those
+        np.testing.assert_array_equal(rows.census, own[np.isfinite(own)])
+        fr, wint = rows.columns["fractions"], rows.columns["intensity"]
+        assert fr.shape == wint.shape == (len(rows), k)
         assert (wint <= fr + 1e-6).all()  # intensity ≤ 1: weighted ≤ plain fraction
         assert np.isnan(written[0]).all()  # the context layer is not the label pass's
         assert np.nanmax(written[1]) == top and (written[1] >= 0).all()
-        np.testing.assert_array_equal(written, store.read_window(path, store.TERMS, t.ys, t.xs))
-        assert _stored_cells(path, {}, t, kinds, k, None, grid.cell_px)[1] is None
+        assert (
+            "intensity"
+            not in stored_cells(path, {}, t, kinds, k, None, grid.cell_px, every).columns
+        )
+        some = stored_cells(path, {}, t, kinds, k, 1, grid.cell_px, half)
+        assert set(some.index) <= set(rows.index)
+        picked += len(some)
+    assert 0.25 * np.isfinite(census).sum() < picked < 0.75 * np.isfinite(census).sum()
 
 
 def test_predict_pass_settles_after_its_tiles_and_a_failed_save_is_raised(
@@ -237,8 +257,11 @@ def test_predict_pass_settles_after_its_tiles_and_a_failed_save_is_raised(
     with Client(dask_cluster) as client:
         fit = density_fit(client, cfg, grid, model, cells={}, save=False)
         store.set_status(cfg.output.path, grid.tiles(), store.LABELLED)
-        done = predict_pass(client, cfg, grid, fit, progress=False, settle=settle)
+        done, totals = predict_pass(client, cfg, grid, fit, progress=False, settle=settle)
         assert len(done) == len(grid.tiles()) and len(seen) == 1
+        ds = xr.open_zarr(cfg.output.path)
+        assert totals.population == pytest.approx(float(ds.population.sum()), rel=1e-5)
+        assert totals.cells_known == int(np.isfinite(ds.census.values).sum())
         assert (seen[0] == store.COMPLETE).all()
 
         def broken():
@@ -248,3 +271,30 @@ def test_predict_pass_settles_after_its_tiles_and_a_failed_save_is_raised(
         with pytest.raises(OSError, match="disk full"):
             predict_pass(client, cfg, grid, fit, progress=False, settle=broken)
     assert (store.tile_status(cfg.output.path) == store.COMPLETE).all()
+
+
+def test_more_tiles_than_the_window_run_through_every_pass(finished, dask_cluster, tmp_path):
+    """3 × 3 tiles of 2 km on 2 worker threads (a window of 4 tiles): every pass runs
+    every tile, and the totals summed per tile are the store's."""
+    from distributed import Client
+
+    out = tmp_path / "nine.zarr"
+    cfg = load_config(finished, overrides=["grid.tile=2000", f"output.path={out}"])
+    grid = cfg.make_grid()
+    assert grid.tile_shape == (3, 3)
+    with Client(dask_cluster) as client:
+        result = run(cfg, client=client, progress=False, report_dir=tmp_path)
+    ids = sorted(t.id for t in grid.tiles())
+    for name in ("composite", "label", "predict"):
+        assert sorted(result.computed_tiles[name]) == ids, name
+    ds = xr.open_zarr(out)
+    assert (ds.tile_status.values == store.COMPLETE).all()
+    pop = ds.population.values.astype(np.float64)
+    census = ds.census.values.astype(np.float64)
+    known = np.isfinite(census)
+    cells = pop.reshape(6, 50, 6, 50).sum(axis=(1, 3))
+    np.testing.assert_allclose(cells[known], census[known], rtol=1e-4, atol=1e-3)
+    m = result.metrics
+    assert m["population_total"] == pytest.approx(pop.sum(), rel=1e-6)
+    assert m["census_total_known"] == pytest.approx(census[known].sum(), rel=1e-6)
+    assert m["cells_used"] <= known.sum() and "r2_1km_cv" in m

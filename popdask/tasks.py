@@ -1,0 +1,226 @@
+"""The per-tile tasks of the passes, as they run on a worker.
+
+Each reads what its tile needs from the store, runs the pure array stages, writes the tile,
+marks it in ``tile_status`` (:func:`marked`, so the client makes no round trip per tile)
+and returns a small summary for the client's reduction (:mod:`popdask.reductions`): the
+tile's sampled cells for the densities fit, or its totals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from popdask import regression, store, terms
+from popdask.cluster import release_memory
+from popdask.grid import Tile
+from popdask.model import PixelModel, sample_tile
+from popdask.predict import predict_window
+from popdask.reductions import CellRows, Totals, tile_cell_index, uniform
+
+
+def marked(code: int, fn: Callable[..., Any], path: str, so: dict, tile: Tile, *args, **kw):
+    """Run ``fn(path, so, tile, ...)``, then mark ``tile`` with status ``code``: the status
+    is written only once the tile's writes have finished."""
+    out = fn(path, so, tile, *args, **kw)
+    store.set_status(path, [tile], code, so)
+    return out
+
+
+@dataclass(frozen=True)
+class CellPick:
+    """Which of a tile's cells go to the densities fit (see :mod:`popdask.reductions`):
+    known cells whose hash, under ``seed``, falls below ``share``."""
+
+    share: float
+    seed: int
+    n_cols: int  # cells across the region
+
+    def rows(self, path: str, so: dict, tile: Tile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The tile's cells' flat index, census and the mask of those picked."""
+        census = store.read_window(path, "census", tile.ys_cell, tile.xs_cell, so)
+        index = tile_cell_index(tile.ys_cell, tile.xs_cell, self.n_cols)
+        keep = np.isfinite(census) & (census >= 0)
+        if self.share < 1.0:
+            keep &= uniform(index, self.seed) < self.share
+        return index, census, keep
+
+
+# --------------------------------------------------------------------------------------
+# Composite
+# --------------------------------------------------------------------------------------
+def write_composite(
+    path: str, so: dict, tile: Tile, index: int, data: np.ndarray, n: int, seed: int
+) -> None:
+    """One task's end: write the tile's composite and its share of the fit's sample."""
+    store.write_arrays(path, tile, {"composite": data}, so)
+    store.write_sample(path, index, sample_tile(data, n, seed), so)
+    # the largest task of a run: what it freed goes back to the system, so that a worker's
+    # memory does not creep from tile to tile (the label and predict tasks, a third of its
+    # size and short, keep theirs: trimming after each costs them ~15 %)
+    del data
+    release_memory()
+
+
+# --------------------------------------------------------------------------------------
+# Labels and the fit's cells
+# --------------------------------------------------------------------------------------
+def _intensity(comp: np.ndarray, kinds: Sequence[str]) -> np.ndarray:
+    """The intensity layer of composite bands ``comp`` of the given ``kinds``."""
+    li, ri = terms.intensity_bands(kinds)
+    return terms.intensity(comp[li] if li else None, comp[ri] if ri else None)
+
+
+def _cell_rows(
+    path: str,
+    so: dict,
+    tile: Tile,
+    labels: np.ndarray,
+    comp: np.ndarray | None,
+    kinds: Sequence[str],
+    k: int,
+    layer: int | None,
+    cell_px: int,
+    pick: CellPick,
+) -> CellRows:
+    """The picked cells' fractions; with ``layer``, also the tile's intensity (from
+    ``comp``, bands of ``kinds``), written as layer ``layer`` of ``terms``, and the cells'
+    intensity-weighted fractions with the tile's largest intensity."""
+    index, census, keep = pick.rows(path, so, tile)
+    if layer is None:
+        fr = regression.cell_fractions(labels, k, cell_px=cell_px)
+        return CellRows.pick(index, census, keep, {"fractions": fr})
+    values = _intensity(comp, kinds)
+    store.write_layer(path, store.TERMS, layer, tile, values, so)
+    bins = regression.cell_cluster_index(labels, k, cell_px)  # shared by both
+    fr = regression.cell_fractions(labels, k, cell_px=cell_px, bins=bins)
+    wint = terms.weighted_fractions(labels, values[None], k, cell_px, bins=bins)
+    top = float(values.max()) if values.size else 0.0
+    columns = {"fractions": fr, "intensity": wint}
+    return CellRows.pick(index, census, keep, columns, {"intensity": top})
+
+
+def label_tile(
+    path: str,
+    so: dict,
+    tile: Tile,
+    model: PixelModel,
+    layer: int | None,
+    cell_px: int,
+    pick: CellPick,
+) -> CellRows:
+    """Read the tile's composite, label it, write ``cluster`` (and, with the intensity
+    term, its layer ``layer`` of ``terms``); return the picked cells' rows while the
+    composite is in memory."""
+    comp = store.read_window(path, "composite", tile.ys, tile.xs, so)
+    labels = model.labels(comp)
+    store.write_arrays(path, tile, {"cluster": labels}, so)
+    k = model.n_clusters
+    return _cell_rows(path, so, tile, labels, comp, model.kinds, k, layer, cell_px, pick)
+
+
+def stored_cells(
+    path: str,
+    so: dict,
+    tile: Tile,
+    kinds: Sequence[str],
+    k: int,
+    layer: int | None,
+    cell_px: int,
+    pick: CellPick,
+) -> CellRows:
+    """What :func:`label_tile` returns (and writes of ``terms``), for a tile labelled by an
+    earlier run."""
+    labels = store.read_window(path, "cluster", tile.ys, tile.xs, so)
+    li, ri = terms.intensity_bands(kinds)
+    bands = [] if layer is None else li + ri  # the intensity's bands only
+    comp = None
+    if bands:
+        comp = store.read_window(path, "composite", tile.ys, tile.xs, so, index=bands)
+    sub = [kinds[i] for i in bands]
+    return _cell_rows(path, so, tile, labels, comp, sub, k, layer, cell_px, pick)
+
+
+def inner(t: Tile, ys: slice, xs: slice) -> tuple[slice, slice]:
+    """The tile's pixel slices inside the window ``ys, xs``."""
+    return (
+        slice(t.ys.start - ys.start, t.ys.stop - ys.start),
+        slice(t.xs.start - xs.start, t.xs.stop - xs.start),
+    )
+
+
+def context_tile(
+    path: str,
+    so: dict,
+    t: Tile,
+    ys: slice,
+    xs: slice,
+    pilot: np.ndarray,
+    sigma_px: float,
+    k: int,
+    cell_px: int,
+    layer: int,
+    pick: CellPick,
+) -> CellRows:
+    """The tile's context (written as layer ``layer`` of ``terms``, read with the halo
+    ``ys, xs``), and its picked cells' context-weighted fractions and largest context."""
+    labels = store.read_window(path, "cluster", ys, xs, so)
+    iy, ix = inner(t, ys, xs)
+    values = terms.context(labels, pilot, sigma_px)[iy, ix]
+    store.write_layer(path, store.TERMS, layer, t, values, so)
+    top = float(values.max()) if values.size else 0.0
+    wctx = terms.weighted_fractions(labels[iy, ix], values[None], k, cell_px)
+    index, census, keep = pick.rows(path, so, t)
+    return CellRows.pick(index, census, keep, {"context": wctx}, {"context": top})
+
+
+# --------------------------------------------------------------------------------------
+# Predict
+# --------------------------------------------------------------------------------------
+def predict_tile(
+    path: str,
+    so: dict,
+    t: Tile,
+    ys: slice,
+    xs: slice,
+    densities: np.ndarray,
+    *,
+    layers: Sequence[int],
+    scale,
+    cell_px: int,
+    resolution: float,
+    sigma: float,
+    rescale: bool,
+) -> Totals:
+    """Read the tile's labels, term layers and census over the window ``ys, xs`` (the
+    tile and whole cells around it, at least the smoothing's halo), predict, write the
+    tile; return its totals.
+
+    The window holds every cell it touches whole, so each cell's model count (what rescales
+    it) is summed from its own pixels: no region-wide table of counts is needed.
+    """
+    labels = store.read_window(path, "cluster", ys, xs, so)
+    cy = slice(ys.start // cell_px, ys.stop // cell_px)
+    cx = slice(xs.start // cell_px, xs.stop // cell_px)
+    census = store.read_window(path, "census", cy, cx, so).astype(np.float64)
+    values = None
+    if layers:
+        values = store.read_window(path, store.TERMS, ys, xs, so, index=list(layers))
+        values /= np.asarray(scale, np.float32)[:, None, None]
+    iy, ix = inner(t, ys, xs)
+    res = predict_window(
+        labels,
+        census if rescale else None,
+        densities,
+        cell_px=cell_px,
+        resolution=resolution,
+        sigma=sigma,
+        inner=(iy, ix),
+        terms=values,
+    )
+    store.write_arrays(path, t, res, so)
+    own = census[iy.start // cell_px : iy.stop // cell_px, ix.start // cell_px : ix.stop // cell_px]
+    return Totals.of_tile(res["population"], own, cell_px)
