@@ -221,6 +221,8 @@ class ClusterConfig(_Model):
     image: str | None = None
     resources: dict[str, Any] = {}
     namespace: str | None = None
+    # kind kubernetes: each run's DaskCluster is named <name_prefix>-<10 random hex digits>
+    name_prefix: str = Field("popdask", pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$", max_length=42)
     batch_tiles: int = Field(16, gt=0)
     timeout: float = Field(300, gt=0)  # seconds to wait for a cluster and its first worker
 
