@@ -113,30 +113,74 @@ class _ApiWithoutOperator(BaseHTTPRequestHandler):
     """Answers as a Kubernetes API server would that has no dask-kubernetes operator: its
     version, an API group list without kubernetes.dask.org, 404 for anything else."""
 
+    groups: ClassVar[list[dict]] = []
     seen_tokens: ClassVar[list[str]] = []
 
     def do_GET(self) -> None:
         self.seen_tokens.append(self.headers.get("Authorization", ""))
-        path = self.path.rstrip("/")  # the kubernetes client asks for /version/
+        path = self.path.split("?")[0].rstrip("/")  # the kubernetes client asks /version/
         if path == "/version":
-            body = VERSION
+            self._send(200, VERSION)
         elif path == "/apis":
-            body = {"kind": "APIGroupList", "apiVersion": "v1", "groups": []}
+            self._send(200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": self.groups})
         else:
-            self.send_error(404)
-            return
+            self._get(path)
+
+    def _get(self, path: str) -> None:
+        self._send(404, {"kind": "Status", "apiVersion": "v1", "code": 404, "message": path})
+
+    def do_POST(self) -> None:  # creating a DaskCluster: no such resource
+        self._get(self.path)
+
+    def _send(self, code: int, body: dict) -> None:
         data = json.dumps(body).encode()
-        self.send_response(200)
+        self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
 
-    def do_POST(self) -> None:  # creating a DaskCluster: no such resource
-        self.send_error(404)
-
     def log_message(self, *args) -> None:  # quiet
         pass
+
+
+_V1 = {"groupVersion": "kubernetes.dask.org/v1", "version": "v1"}
+
+
+class _OperatorWithoutPods(_ApiWithoutOperator):
+    """An API with the operator's resources, whose operator marks each DaskCluster created
+    Running at once but whose scheduler Pod never runs (as when it stays Pending: no node
+    fits it, its image does not pull). Keeps the DaskClusters, and which were deleted."""
+
+    groups: ClassVar[list[dict]] = [
+        {"name": "kubernetes.dask.org", "versions": [_V1], "preferredVersion": _V1}
+    ]
+    clusters: ClassVar[dict[str, dict]] = {}
+    deleted: ClassVar[list[str]] = []
+
+    def _get(self, path: str) -> None:
+        name = path.rsplit("/", 1)[-1]
+        if path.endswith("/daskclusters"):
+            items = list(self.clusters.values())
+            self._send(200, {"kind": "DaskClusterList", **_V1, "metadata": {}, "items": items})
+        elif "/daskclusters/" in path and name in self.clusters:
+            self._send(200, self.clusters[name])
+        elif path.endswith("/pods"):  # no scheduler pod, ever
+            self._send(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": []})
+        else:
+            super()._get(path)
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body["status"] = {"phase": "Running"}
+        self.clusters[body["metadata"]["name"]] = body
+        self._send(201, body)
+
+    def do_DELETE(self) -> None:
+        name = self.path.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+        self.deleted.append(name)
+        self.clusters.pop(name, None)
+        self._send(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
 
 
 @contextmanager
@@ -160,3 +204,24 @@ def test_an_api_without_the_operator_is_named(kube_env, caplog):
     assert "dask-kubernetes operator" in message and "not installed" in message
     assert took < 10
     assert f"Bearer {TOKEN}" in _ApiWithoutOperator.seen_tokens  # the kubeconfig was used
+
+
+@pytest.mark.timeout(60)  # dask-kubernetes alone waits for the scheduler pod for ever
+def test_a_cluster_that_does_not_start_in_time_is_deleted(kube_env, caplog):
+    cfg = ClusterConfig(kind="kubernetes", workers=1, timeout=3, shutdown_on_exit=False)
+    with _serve(_OperatorWithoutPods) as url:
+        kube_env(url)
+        caplog.set_level(logging.INFO, logger="popdask")
+        t0 = time.monotonic()
+        with pytest.raises(ClusterError) as err, get_client(cfg):
+            pass
+        took = time.monotonic() - t0
+    (name,) = _OperatorWithoutPods.deleted  # deleted although shutdown_on_exit is false
+    assert not _OperatorWithoutPods.clusters
+    message = str(err.value)
+    assert (
+        f"Kubernetes cluster {name} in namespace popdask-test did not start within 3 s" in message
+    )
+    assert f"-l dask.org/cluster-name={name}" in message and "raise cluster.timeout" in message
+    assert 3 <= took < 8
+    assert name in caplog.text and TOKEN not in message + caplog.text
