@@ -77,8 +77,9 @@ def get_client(
     cfg
         The ``cluster`` section; None means a local cluster sized from the machine.
     timeout
-        Seconds to wait for a started cluster (gateway) and its first worker; default the
-        configuration's ``cluster.timeout`` when it has one, else :data:`DEFAULT_TIMEOUT`.
+        Seconds to wait for a started cluster (gateway, kubernetes) and its first worker;
+        default the configuration's ``cluster.timeout`` when it has one, else
+        :data:`DEFAULT_TIMEOUT`.
 
     Yields
     ------
@@ -89,7 +90,8 @@ def get_client(
     ------
     ClusterError
         When the scheduler cannot be reached, the gateway refuses the credentials or an
-        option, or no worker joins in time.
+        option, no Kubernetes API (with the dask operator) answers, or the cluster or its
+        first worker does not come up in time.
     """
     cfg = cfg or ClusterConfig()
     if timeout is None:
