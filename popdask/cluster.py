@@ -23,13 +23,17 @@ reads the environment only once, on import), and credential values (``username``
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import functools
 import logging
 import os
+import re
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -73,8 +77,9 @@ def get_client(
     cfg
         The ``cluster`` section; None means a local cluster sized from the machine.
     timeout
-        Seconds to wait for a started cluster (gateway) and its first worker; default the
-        configuration's ``cluster.timeout`` when it has one, else :data:`DEFAULT_TIMEOUT`.
+        Seconds to wait for a started cluster (gateway, kubernetes) and its first worker;
+        default the configuration's ``cluster.timeout`` when it has one, else
+        :data:`DEFAULT_TIMEOUT`.
 
     Yields
     ------
@@ -85,7 +90,8 @@ def get_client(
     ------
     ClusterError
         When the scheduler cannot be reached, the gateway refuses the credentials or an
-        option, or no worker joins in time.
+        option, no Kubernetes API (with the dask operator) answers, or the cluster or its
+        first worker does not come up in time.
     """
     cfg = cfg or ClusterConfig()
     if timeout is None:
@@ -97,7 +103,7 @@ def get_client(
     elif cfg.kind == "gateway":
         yield from _gateway(cfg, timeout)
     elif cfg.kind == "kubernetes":
-        yield from _kubernetes(cfg)
+        yield from _kubernetes(cfg, timeout)
     else:  # pragma: no cover - the config validates kind
         raise ValueError(f"unknown cluster kind {cfg.kind!r}")
 
@@ -517,29 +523,313 @@ def _gateway(cfg: ClusterConfig, timeout: float) -> Iterator[Client]:
 # --------------------------------------------------------------------------------------
 # Kubernetes
 # --------------------------------------------------------------------------------------
-def _kubernetes(cfg: ClusterConfig) -> Iterator[Client]:
+#: Seconds the reachability probe waits for the Kubernetes API server to answer.
+KUBE_PROBE_TIMEOUT = 5.0
+
+#: The API group of the dask-kubernetes operator's custom resources (DaskCluster, ...).
+DASK_OPERATOR_GROUP = "kubernetes.dask.org"
+
+#: The in-cluster service account's mount (what kr8s, and so dask-kubernetes, reads).
+_SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+#: dask-kubernetes' limit on a DaskCluster name: 63 minus len("-scheduler").
+_MAX_KUBE_NAME = 53
+
+
+def kubernetes_cluster_name(prefix: str = "popdask") -> str:
+    """A fresh DaskCluster name for one run: ``<prefix>-<10 random hex digits>``.
+
+    Every run gets its own cluster, so two runs in the same namespace never connect to,
+    scale or delete each other's (dask-kubernetes connects to an existing cluster of the
+    same name, and deletes it when that connection closes).
+
+    Parameters
+    ----------
+    prefix
+        Lowercase letters, digits and ``-``, starting with a letter (``cluster.name_prefix``).
+
+    Returns
+    -------
+    str
+        A lowercase DNS-1123 label of at most 53 characters (dask-kubernetes appends
+        ``-scheduler`` for the scheduler's Service, which must stay within 63).
+    """
+    name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+    if not _KUBE_NAME.fullmatch(name) or len(name) > _MAX_KUBE_NAME:
+        raise ValueError(
+            f"cluster.name_prefix {prefix!r}: Kubernetes names need lowercase letters, digits "
+            f"and '-', starting with a letter, and at most {_MAX_KUBE_NAME - 11} characters"
+        )
+    return name
+
+
+_KUBE_NAME = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+
+
+@dataclass(frozen=True)
+class KubeApi:
+    """A Kubernetes API server that answered, as :func:`kubernetes_api` found it.
+
+    Attributes
+    ----------
+    server
+        Its URL, without credentials.
+    namespace
+        The namespace of the configuration's context (``default`` when it names none).
+    source
+        Where the configuration came from (a kubeconfig path or the service account).
+    """
+
+    server: str
+    namespace: str
+    source: str
+
+
+def kubernetes_api(
+    environ: Mapping[str, str] | None = None, *, timeout: float = KUBE_PROBE_TIMEOUT
+) -> KubeApi:
+    """Load the Kubernetes configuration and check its API server answers, quickly.
+
+    dask-kubernetes gives no clear error (or hangs) without a reachable API; this looks
+    where it does (kubeconfig: ``KUBECONFIG`` or ``~/.kube/config``, then the in-cluster
+    service account) and asks the server its version and whether it serves the operator's
+    resources, each request bounded by ``timeout``.
+
+    Parameters
+    ----------
+    environ
+        The environment (default ``os.environ``): ``KUBECONFIG``, ``HOME``,
+        ``KUBERNETES_SERVICE_HOST``.
+    timeout
+        Seconds to wait for each answer.
+
+    Returns
+    -------
+    KubeApi
+        The server (credentials stripped), the context's namespace and the source.
+
+    Raises
+    ------
+    ClusterError
+        No configuration found; it does not load; the server does not answer, refuses the
+        credentials, or serves no ``kubernetes.dask.org`` API (operator not installed).
+        The message never holds a token, a password or a key.
+    """
+    from kubernetes.client import ApiClient, ApisApi, Configuration, VersionApi
+
+    environ = os.environ if environ is None else environ
+    conf = Configuration()
+    namespace, source = _load_kube_config(conf, environ)
+    server = _redact(conf.host)
+    conf.retries = 0  # one try: an answer, a refusal or the timeout
+    secrets = [str(v) for v in (conf.api_key or {}).values() if v]
+    secrets += [s.split(" ", 1)[-1] for s in secrets]
+    where = f"the Kubernetes API at {server} ({source})"
+    fix = (
+        "check the kube context (kubectl config current-context), the VPN or network, and "
+        "that the dask-kubernetes operator is installed there (deploy/README.md)"
+    )
+    with ApiClient(conf) as api:
+        try:
+            VersionApi(api).get_code(_request_timeout=timeout)
+            groups = ApisApi(api).get_api_versions(_request_timeout=timeout).groups or []
+        except Exception as e:  # urllib3 errors, ApiException, SSL errors
+            status = getattr(e, "status", None)
+            if status in (401, 403):
+                raise ClusterError(
+                    f"{where} refused the credentials (HTTP {status}): {fix}"
+                ) from None
+            what = f"HTTP {status}" if status else f"{type(e).__name__}: {e}"
+            what = _scrub(what, secrets)
+            raise ClusterError(f"cannot reach {where}: {what}; {fix}") from None
+    if DASK_OPERATOR_GROUP not in {g.name for g in groups}:
+        raise ClusterError(
+            f"{where} answers, but does not serve the {DASK_OPERATOR_GROUP} API: the "
+            "dask-kubernetes operator (its DaskCluster resource definition) is not installed "
+            "in that Kubernetes cluster; install it as deploy/README.md (section 2) says"
+        )
+    return KubeApi(server=server, namespace=namespace, source=source)
+
+
+def _load_kube_config(conf: Any, environ: Mapping[str, str]) -> tuple[str, str]:
+    """Fill ``conf`` (a kubernetes.client Configuration) as kr8s would find it.
+
+    Returns the context's namespace and a description of where the configuration came from.
+    """
+    from kubernetes.config import (
+        ConfigException,
+        list_kube_config_contexts,
+        load_incluster_config,
+        load_kube_config,
+    )
+
+    home = environ.get("HOME") or os.path.expanduser("~")
+    paths = environ.get("KUBECONFIG") or os.path.join(home, ".kube", "config")
+    found = os.pathsep.join(p for p in paths.split(os.pathsep) if p and os.path.isfile(p))
+    if found:
+        try:
+            load_kube_config(config_file=found, client_configuration=conf, persist_config=False)
+            _, context = list_kube_config_contexts(found)
+            namespace = (context or {}).get("context", {}).get("namespace")
+        except Exception as e:  # a broken file; its text may hold credentials: say where
+            raise ClusterError(
+                f"cannot use the kubeconfig {found} ({type(e).__name__}): check it with "
+                "kubectl config view, or set KUBECONFIG to another file"
+            ) from None
+        return namespace or "default", f"kubeconfig {found}"
+    if environ.get("KUBERNETES_SERVICE_HOST") and os.path.isdir(_SERVICE_ACCOUNT):
+        try:
+            load_incluster_config(client_configuration=conf)
+        except ConfigException as e:
+            raise ClusterError(f"cannot use the in-cluster service account: {e}") from None
+        with suppress(OSError), open(os.path.join(_SERVICE_ACCOUNT, "namespace")) as f:
+            return f.read().strip() or "default", "in-cluster service account"
+        return "default", "in-cluster service account"
+    raise ClusterError(
+        "cluster.kind 'kubernetes': no Kubernetes configuration found (KUBECONFIG "
+        f"{'is ' + repr(paths) if environ.get('KUBECONFIG') else 'unset'}, no {paths} file, "
+        "not inside a pod with a service account): run inside the cluster or set KUBECONFIG "
+        "to a kubeconfig file (kubectl config view --minify --raw > FILE)"
+    )
+
+
+def _kube_cluster_class() -> type:
+    """dask-kubernetes' operator KubeCluster, with a bounded start (imported on demand)."""
+    from dask_kubernetes.operator import KubeCluster
+
+    class BoundedKubeCluster(KubeCluster):
+        """A KubeCluster whose start gives up after ``start_timeout`` seconds.
+
+        dask-kubernetes waits without end for a scheduler Pod that stays Pending (no node
+        fits it, the image does not pull) and for its Service; this bounds the whole start,
+        then deletes the DaskCluster it created (never one it found) and raises
+        :class:`ClusterError` saying how far the start got.
+        """
+
+        def __init__(self, *, start_timeout: float, **kw: Any) -> None:
+            self._start_timeout = start_timeout
+            self._created = False
+            try:
+                super().__init__(**kw)
+            except BaseException:
+                with suppress(AttributeError):  # stop the loop thread this start began
+                    self._loop_runner.stop()
+                raise
+
+        async def _create_cluster(self) -> None:
+            self._created = True
+            await super()._create_cluster()
+
+        async def _start(self) -> None:
+            bound = asyncio.timeout(self._start_timeout)
+            try:
+                async with bound:
+                    await super()._start()
+            except BaseException:
+                if self._created:  # half-started: of no use to anyone
+                    await self._delete_quietly()
+                if not bound.expired():
+                    raise
+                seen = getattr(self, "_startup_component_status", {}) or {}
+                got = ", ".join(f"{k} {v}" for k, v in seen.items()) or "nothing yet"
+                raise ClusterError(
+                    f"Kubernetes cluster {self.name} in namespace {self.namespace} did not "
+                    f"start within {self._start_timeout:.0f} s (seen: {got}); it was "
+                    f"deleted. Check kubectl -n {self.namespace} get pods -l "
+                    f"dask.org/cluster-name={self.name} and kubectl describe them (image "
+                    "pull, requests larger than any node, quotas), that the dask-kubernetes "
+                    "operator runs, or raise cluster.timeout"
+                ) from None
+
+        async def _delete_quietly(self) -> None:
+            self.shutdown_on_close = True
+            try:
+                await asyncio.wait_for(self._close(timeout=30), 40)
+            except Exception as e:  # never hide the start's own error behind this one
+                log.warning("kubernetes: deleting cluster %s: %s", self.name, type(e).__name__)
+
+    return BoundedKubeCluster
+
+
+def _kubernetes(cfg: ClusterConfig, timeout: float) -> Iterator[Client]:
     try:
-        from dask_kubernetes.operator import KubeCluster
+        import dask_kubernetes.operator  # noqa: F401
     except ImportError:
         raise ClusterError(
             "cluster.kind 'kubernetes' needs dask-kubernetes: pip install dask-kubernetes"
         ) from None
-    kw: dict[str, Any] = {"n_workers": cfg.workers or 1}
+    from dask_kubernetes.operator.kubecluster.kubecluster import CreateMode
+
+    t0 = time.monotonic()
+    api = kubernetes_api()
+    name = kubernetes_cluster_name(cfg.name_prefix)
+    namespace = cfg.namespace or api.namespace
+    adaptive = dict(cfg.adaptive or {})
+    wanted = adaptive.get("minimum", 0) if adaptive else (cfg.workers or 1)
+    kw: dict[str, Any] = {"n_workers": wanted, "namespace": namespace}
     if cfg.image:
         kw["image"] = cfg.image
     if cfg.resources:
         kw["resources"] = cfg.resources
-    if cfg.namespace:
-        kw["namespace"] = cfg.namespace
-    cluster = KubeCluster(name="popdask", shutdown_on_close=cfg.shutdown_on_exit, **kw)
+    log.info("kubernetes: starting cluster %s in namespace %s at %s", name, namespace, api.server)
     try:
-        if cfg.adaptive:
-            cluster.adapt(**cfg.adaptive)
+        cluster = _kube_cluster_class()(
+            name=name,
+            create_mode=CreateMode.CREATE_ONLY,  # never join (then delete) another's cluster
+            shutdown_on_close=cfg.shutdown_on_exit,
+            resource_timeout=min(60, timeout),  # its own "is the operator running?" check
+            start_timeout=timeout,
+            quiet=True,  # popdask logs; only the CLI prints
+            **kw,
+        )
+    except ClusterError:
+        raise
+    except Exception as e:
+        raise ClusterError(
+            f"Kubernetes cluster {name} in namespace {namespace} at {api.server} failed to "
+            f"start: {type(e).__name__}: {e}"
+        ) from None
+    log.info("kubernetes: cluster %s running after %.2f s", name, time.monotonic() - t0)
+    started = False
+    try:
+        if adaptive:
+            cluster.adapt(**adaptive)
         with Client(cluster) as client:
-            _announce(client, f"kubernetes cluster {cluster.name}")
+            if wanted > 0:
+                try:
+                    left = max(1.0, t0 + timeout - time.monotonic())
+                    client.wait_for_workers(1, timeout=left)
+                except TimeoutError:
+                    raise ClusterError(
+                        f"no dask worker joined Kubernetes cluster {name} in namespace "
+                        f"{namespace} within {timeout:.0f} s: check kubectl -n {namespace} "
+                        f"get pods -l dask.org/cluster-name={name},dask.org/component=worker "
+                        "(pending: image, resources, quotas), or raise cluster.timeout"
+                    ) from None
+            started = True
+            _announce(client, f"kubernetes cluster {name} (namespace {namespace})")
             yield client
     finally:
-        cluster.close()
+        if not started:
+            cluster.shutdown_on_close = True  # half-started: of no use to anyone
+        try:
+            cluster.close()
+        except Exception as e:  # never hide the run's own error behind this one
+            log.warning("kubernetes: closing cluster %s: %s", name, type(e).__name__)
+        if cluster.shutdown_on_close:
+            log.info("kubernetes: cluster %s deleted", name)
+        else:
+            log.info(
+                "kubernetes: leaving cluster %s running in namespace %s; reconnect with "
+                "KubeCluster.from_name(%r, namespace=%r), delete it with kubectl -n %s "
+                "delete daskcluster %s",
+                name,
+                namespace,
+                name,
+                namespace,
+                namespace,
+                name,
+            )
 
 
 # --------------------------------------------------------------------------------------

@@ -225,6 +225,8 @@ class ClusterConfig(_Model):
     image: str | None = None
     resources: dict[str, Any] = {}
     namespace: str | None = None
+    # kind kubernetes: each run's DaskCluster is named <name_prefix>-<10 random hex digits>
+    name_prefix: str = Field("popdask", pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$", max_length=42)
     #: tiles in flight per worker thread (popdask.scheduler), re-read as the cluster scales
     tiles_per_thread: float = Field(2.0, ge=1.0)
     #: replaced by tiles_per_thread (tiles are no longer submitted in batches); ignored
