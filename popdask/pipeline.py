@@ -32,7 +32,7 @@ from distributed import Client, as_completed
 from tqdm.auto import tqdm
 
 from popdask import __version__, regression, store, terms
-from popdask.census import read_census
+from popdask.census import census_from_config
 from popdask.cluster import release_memory
 from popdask.config import Config
 from popdask.grid import Grid, Tile
@@ -814,9 +814,7 @@ def run(
     grid = cfg.make_grid()
     path, so = cfg.output.store, cfg.output.storage_options
     log.info("grid: %s, %d×%d px, %d tiles", grid.bounds, *grid.shape, len(grid.tiles()))
-    census = read_census(
-        cfg.census.path, grid, column=cfg.census.column, storage_options=cfg.census.storage_options
-    )
+    census = census_from_config(cfg.census, grid)
     sources = search_sources(cfg, region_lonlat(grid))
     bands = [b for s in sources for b in s.bands]
     kinds = [s.role for s in sources for _ in s.bands]
