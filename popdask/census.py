@@ -537,29 +537,14 @@ def read_census(
         If the file is missing, lacks the column, the flag column or cell ids, is in another
         CRS or resolution, or lists no cell of the region.
     """
+    kw = {"name": str(path), "absent": absent, "coverage": coverage, "flag_column": flag_column}
     if "://" in str(path):
         local = _fetch(str(path), storage_options)
         try:
-            return _read_local(
-                local,
-                grid,
-                column,
-                name=str(path),
-                absent=absent,
-                coverage=coverage,
-                flag_column=flag_column,
-            )
+            return _read_local(local, grid, column, **kw)
         finally:
             local.unlink(missing_ok=True)
-    return _read_local(
-        Path(path),
-        grid,
-        column,
-        name=str(path),
-        absent=absent,
-        coverage=coverage,
-        flag_column=flag_column,
-    )
+    return _read_local(Path(path), grid, column, **kw)
 
 
 def census_from_config(cfg: CensusConfig, grid: Grid) -> xr.DataArray:
