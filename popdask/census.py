@@ -3,15 +3,34 @@
 GISCO publishes the grid as GeoPackage, CSV or Parquet. Each row is one cell, named by
 ``GRD_ID`` (``CRS3035RES1000mN2684000E4334000``: CRS, resolution, then the lower-left
 corner's northing and easting in metres) or by ``X_LLC``/``Y_LLC`` columns, with a
-population column such as ``TOT_P_2021``. Cells that are missing, confidential or negative
-stay unknown (NaN), never zero.
+population column such as ``TOT_P_2021`` (GEOSTAT) or ``T`` (the Census 2021 grid, whose
+other columns ``M, F, Y_LT15, ..., CONFIDENTIALSTATUS`` are read as they are).
+
+Eurostat lists *populated* cells only. So, cell by cell:
+
+- listed with a usable value (a number >= 0, not flagged): **known**, that value;
+- not listed but inside the census' coverage: **0**, uninhabited (``absent="zero"``, the
+  default; ``absent="unknown"`` keeps such cells NaN, for files that are partial on purpose);
+- listed with an empty, non-numeric or negative value, or flagged confidential (a non-empty,
+  non-zero ``CONFIDENTIALSTATUS``, or another ``flag_column``): **unknown** (NaN);
+- not listed and outside the coverage (sea, countries the file does not cover): **unknown**.
+
+The coverage is the whole run region unless configured (``census.coverage``): polygons
+(GeoJSON, optionally filtered to some countries) rasterised onto the cells by their
+centres, and/or a raster whose non-zero, non-nodata cells are covered.
+:func:`classify_cells` and :func:`cells_to_raster` are pure functions on arrays;
+:func:`read_census`, :func:`read_coverage` and :func:`census_from_config` read files.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -19,7 +38,21 @@ import xarray as xr
 
 from popdask.grid import EPSG, Grid
 
+if TYPE_CHECKING:
+    from popdask.config import CensusConfig
+
+log = logging.getLogger(__name__)
+
 GRD_ID = re.compile(r"^CRS(?P<crs>\d+)RES(?P<res>\d+)mN(?P<n>\d+)E(?P<e>\d+)$")
+
+#: the flag column of the Census 2021 grid, used when present and no other is configured
+CONFIDENTIAL_COLUMN = "CONFIDENTIALSTATUS"
+#: what a cell is: its census value is known, zero because the cell is absent, or unknown
+KNOWN, ABSENT_ZERO, UNKNOWN = 0, 1, 2
+#: flag values meaning "not flagged" (compared case-insensitively, after stripping)
+_NOT_FLAGGED = {"", "0", "0.0", "false", "f", "no", "n", "nan", "none", "null"}
+
+Absent = Literal["zero", "unknown"]
 
 
 class CensusError(ValueError):
@@ -53,24 +86,351 @@ def parse_grd_id(ids: pd.Series | list[str]) -> pd.DataFrame:
     )
 
 
-def cells_to_raster(
-    x_llc: np.ndarray, y_llc: np.ndarray, values: np.ndarray, grid: Grid
-) -> np.ndarray:
-    """Place per-cell values on the grid's ``(y_cell, x_cell)`` raster (pure).
+def classify_cells(
+    x_llc: np.ndarray,
+    y_llc: np.ndarray,
+    values: np.ndarray,
+    grid: Grid,
+    *,
+    covered: np.ndarray | None = None,
+    absent: Absent = "zero",
+    flagged: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Place listed cells on the grid's ``(y_cell, x_cell)`` raster and say what each cell is.
 
-    Cells outside the grid are dropped, cells not listed stay NaN, negative values are
-    unknown (NaN).
+    Pure: arrays in, arrays out.
+
+    Parameters
+    ----------
+    x_llc, y_llc
+        Lower-left corners (EPSG:3035 metres) of the listed cells, one per row of the file.
+    values
+        The rows' population counts; NaN for an empty or non-numeric value.
+    grid
+        The run's grid; rows outside it are dropped.
+    covered
+        ``(y_cell, x_cell)`` booleans: the cells inside the census' coverage. ``None`` means
+        the whole region is covered.
+    absent
+        What a covered cell that no row lists is: ``"zero"`` (Eurostat lists populated cells
+        only, so it is uninhabited) or ``"unknown"`` (NaN, for files partial on purpose).
+    flagged
+        Per row, True where the row is flagged confidential (its value is not used).
+
+    Returns
+    -------
+    (raster, state)
+        ``raster`` float32 ``(y_cell, x_cell)``: the count, 0 for an absent covered cell, NaN
+        where unknown. ``state`` int8 of the same shape: :data:`KNOWN`, :data:`ABSENT_ZERO` or
+        :data:`UNKNOWN` (a listed row that is empty, negative or flagged; or an absent cell
+        outside the coverage, or any absent cell with ``absent="unknown"``). A listed cell
+        outside the coverage keeps its value: the coverage only says what an absence means.
     """
-    xmin, _, _, ymax = grid.bounds
+    if absent not in ("zero", "unknown"):
+        raise CensusError(f"absent must be 'zero' or 'unknown', got {absent!r}")
     ny, nx = grid.cell_shape
+    if covered is None:
+        covered = np.ones((ny, nx), dtype=bool)
+    covered = np.asarray(covered, dtype=bool)
+    if covered.shape != (ny, nx):
+        raise CensusError(f"coverage mask has shape {covered.shape}, not the cells' {(ny, nx)}")
+    xmin, _, _, ymax = grid.bounds
     col = (np.asarray(x_llc, dtype=np.int64) - xmin) // grid.cell
     row = (ymax - grid.cell - np.asarray(y_llc, dtype=np.int64)) // grid.cell
     inside = (row >= 0) & (row < ny) & (col >= 0) & (col < nx)
-    out = np.full((ny, nx), np.nan, dtype=np.float32)
-    v = np.asarray(values, dtype=np.float64)[inside]
-    v[v < 0] = np.nan
-    out[row[inside], col[inside]] = v
-    return out
+    v = np.asarray(values, dtype=np.float64).copy()
+    usable = np.isfinite(v) & (v >= 0)
+    if flagged is not None:
+        usable &= ~np.asarray(flagged, dtype=bool)
+    v[~usable] = np.nan
+
+    if absent == "zero":
+        raster = np.where(covered, 0.0, np.nan).astype(np.float32)
+        state = np.where(covered, ABSENT_ZERO, UNKNOWN).astype(np.int8)
+    else:
+        raster = np.full((ny, nx), np.nan, dtype=np.float32)
+        state = np.full((ny, nx), UNKNOWN, dtype=np.int8)
+    r, c = row[inside], col[inside]
+    raster[r, c] = v[inside]
+    state[r, c] = np.where(usable[inside], KNOWN, UNKNOWN)
+    return raster, state
+
+
+def cells_to_raster(
+    x_llc: np.ndarray,
+    y_llc: np.ndarray,
+    values: np.ndarray,
+    grid: Grid,
+    *,
+    covered: np.ndarray | None = None,
+    absent: Absent = "zero",
+    flagged: np.ndarray | None = None,
+) -> np.ndarray:
+    """Place per-cell values on the grid's ``(y_cell, x_cell)`` raster (pure).
+
+    Cells outside the grid are dropped. A covered cell not listed is 0 (``absent="zero"``)
+    or NaN (``absent="unknown"``); empty, negative or ``flagged`` rows and absent cells
+    outside ``covered`` are NaN. See :func:`classify_cells`.
+
+    Examples
+    --------
+    >>> g = Grid.from_bbox((4321000, 3210000, 4323000, 3211000))  # 2 cells side by side
+    >>> cells_to_raster([4321000], [3210000], [7.0], g).tolist()
+    [[7.0, 0.0]]
+    >>> cells_to_raster([4321000], [3210000], [7.0], g, absent="unknown").tolist()
+    [[7.0, nan]]
+    """
+    return classify_cells(
+        x_llc, y_llc, values, grid, covered=covered, absent=absent, flagged=flagged
+    )[0]
+
+
+def count_cells(state: np.ndarray) -> dict[str, int]:
+    """How many cells are known, zero by absence and unknown (the ``state`` of
+    :func:`classify_cells`), as plain ints for the store's attrs."""
+    state = np.asarray(state)
+    return {
+        "cells_known": int((state == KNOWN).sum()),
+        "cells_absent_zero": int((state == ABSENT_ZERO).sum()),
+        "cells_unknown": int((state == UNKNOWN).sum()),
+    }
+
+
+def flag_values(values: pd.Series | Sequence) -> np.ndarray:
+    """True where a confidentiality flag is set: anything but empty, NaN, 0 or false-like.
+
+    The Census 2021 grid's ``CONFIDENTIALSTATUS`` is 0 on ordinary rows; any other value
+    (``1``, ``C``, ``true``, ...) marks the row confidential.
+
+    Examples
+    --------
+    >>> flag_values([0, 1, None, "C", "false", "", 2.0]).tolist()
+    [False, True, False, True, False, False, True]
+    """
+    s = pd.Series(values, dtype=object)
+    num = pd.to_numeric(s, errors="coerce")
+    text = s.astype(str).str.strip().str.lower()
+    is_num = num.notna()
+    flagged = np.where(is_num, num.fillna(0).to_numpy() != 0, ~text.isin(_NOT_FLAGGED))
+    return np.asarray(flagged & s.notna().to_numpy(), dtype=bool)
+
+
+# --------------------------------------------------------------------------------------------
+# Coverage: which cells the census covers
+# --------------------------------------------------------------------------------------------
+def coverage_from_shapes(
+    shapes: Sequence[dict], grid: Grid, *, crs: str | int = EPSG
+) -> np.ndarray:
+    """``(y_cell, x_cell)`` booleans: cells whose centre is inside any of ``shapes`` (pure).
+
+    ``shapes`` are GeoJSON geometry mappings in ``crs`` (reprojected to EPSG:3035 here).
+    """
+    from rasterio.crs import CRS
+    from rasterio.features import rasterize
+    from rasterio.warp import transform_geom
+
+    src = CRS.from_user_input(crs)
+    if src.to_epsg() != EPSG:
+        shapes = [transform_geom(src, CRS.from_epsg(EPSG), g) for g in shapes]
+    if not shapes:
+        return np.zeros(grid.cell_shape, dtype=bool)
+    burned = rasterize(
+        ((g, 1) for g in shapes),
+        out_shape=grid.cell_shape,
+        transform=grid.cell_transform,
+        fill=0,
+        all_touched=False,  # a cell is covered when its centre is inside
+        dtype="uint8",
+    )
+    return burned.astype(bool)
+
+
+def _geojson_crs(doc: dict, name: str) -> str:
+    """The CRS a GeoJSON file declares (RFC 7946: none means EPSG:4326 lon/lat)."""
+    from pyproj import CRS
+    from pyproj.exceptions import CRSError
+
+    declared = ((doc.get("crs") or {}).get("properties") or {}).get("name")
+    if declared is None:
+        return "EPSG:4326"
+    try:
+        crs = CRS.from_user_input(declared)
+    except CRSError:
+        raise CensusError(
+            f"{name}: unknown CRS {declared!r}; write the coverage polygons in EPSG:3035 or "
+            'EPSG:4326 ("crs": {"type": "name", "properties": {"name": "EPSG:3035"}})'
+        ) from None
+    epsg = crs.to_epsg()
+    return f"EPSG:{epsg}" if epsg else crs.to_wkt()
+
+
+def _read_polygons(
+    path: Path, name: str, countries: Sequence[str] | None, country_property: str
+) -> tuple[list[dict], str]:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CensusError(f"{name}: cannot read the coverage as GeoJSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise CensusError(f"{name}: not a GeoJSON object")
+    kind = doc.get("type")
+    if kind == "FeatureCollection":
+        feats = doc.get("features") or []
+    elif kind == "Feature":
+        feats = [doc]
+    elif kind in ("Polygon", "MultiPolygon", "GeometryCollection"):
+        feats = [{"type": "Feature", "properties": {}, "geometry": doc}]
+    else:
+        raise CensusError(f"{name}: GeoJSON type {kind!r} holds no polygons")
+    crs = _geojson_crs(doc, name)
+    if countries is not None:
+        wanted = {str(c).upper() for c in countries}
+        found = sorted({str((f.get("properties") or {}).get(country_property)) for f in feats})
+        feats = [
+            f
+            for f in feats
+            if str((f.get("properties") or {}).get(country_property)).upper() in wanted
+        ]
+        if not feats:
+            raise CensusError(
+                f"{name}: no feature has {country_property} in {sorted(wanted)} "
+                f"(values found: {found[:20]}); fix census.coverage_countries"
+            )
+    shapes = [f["geometry"] for f in feats if f.get("geometry")]
+    polys = [g for g in shapes if g.get("type") in ("Polygon", "MultiPolygon")]
+    if len(polys) != len(shapes) or not polys:
+        raise CensusError(f"{name}: the coverage must be polygons (Polygon or MultiPolygon)")
+    if crs == "EPSG:4326":
+        xs = np.abs(np.asarray(_first_coords(polys[0]), dtype=float))
+        if xs.size and xs.max() > 360:
+            raise CensusError(
+                f"{name}: coordinates like {xs.max():.0f} are not degrees, yet the file "
+                "declares no CRS (GeoJSON then means EPSG:4326); declare it, e.g. "
+                '"crs": {"type": "name", "properties": {"name": "EPSG:3035"}}'
+            )
+    return polys, crs
+
+
+def _first_coords(geom: dict) -> list:
+    c = geom["coordinates"]
+    while c and isinstance(c[0], list) and isinstance(c[0][0], list):
+        c = c[0]
+    return c
+
+
+def _coverage_raster(path: Path, name: str, grid: Grid) -> np.ndarray:
+    """Cells whose centre falls on a non-zero, non-nodata pixel of a raster."""
+    import rasterio
+    from rasterio.errors import RasterioIOError
+    from rasterio.warp import Resampling, reproject
+
+    try:
+        with rasterio.open(path) as src:
+            if src.crs is None:
+                raise CensusError(
+                    f"{name}: the coverage raster has no CRS; write it in EPSG:3035 "
+                    "(e.g. gdal_edit.py -a_srs EPSG:3035)"
+                )
+            band = src.read(1, masked=True)
+            data = np.where(np.ma.getmaskarray(band), 0, band.filled(0))
+            data = (np.isfinite(data) & (data != 0)).astype(np.uint8)
+            out = np.zeros(grid.cell_shape, dtype=np.uint8)
+            reproject(
+                data,
+                out,
+                src_transform=src.transform,
+                src_crs=src.crs,
+                dst_transform=grid.cell_transform,
+                dst_crs=f"EPSG:{EPSG}",
+                src_nodata=None,
+                dst_nodata=None,
+                resampling=Resampling.nearest,  # the pixel under the cell's centre
+            )
+    except RasterioIOError as e:
+        raise CensusError(f"{name}: cannot read the coverage raster ({e})") from None
+    return out.astype(bool)
+
+
+def read_coverage(
+    source: str | Path | Sequence[str | Path] | None,
+    grid: Grid,
+    *,
+    countries: Sequence[str] | None = None,
+    country_property: str = "CNTR_ID",
+    storage_options: dict | None = None,
+) -> np.ndarray:
+    """Which census cells of ``grid`` the census covers, as ``(y_cell, x_cell)`` booleans.
+
+    Parameters
+    ----------
+    source
+        ``None`` or ``"region"``: the whole region. A GeoJSON file (``.geojson``/``.json``;
+        EPSG:4326 as RFC 7946 says, or the CRS its ``crs`` member names, e.g. EPSG:3035) of
+        polygons: a cell is covered when its centre is inside one. A raster (``.tif``/
+        ``.tiff``/``.vrt``): a cell is covered when the pixel under its centre is non-zero and
+        not nodata. A list of these: covered by any. Local paths or fsspec URLs.
+    grid
+        The run's grid.
+    countries
+        Keep only polygon features whose ``country_property`` is one of these (e.g.
+        ``["BE", "NL"]`` on GISCO's ``CNTR_ID``).
+    storage_options
+        fsspec options for URL sources.
+
+    Raises
+    ------
+    CensusError
+        If a file is missing or unreadable, in an unknown CRS, holds no polygons, no feature
+        matches ``countries``, or the coverage holds no cell of the region.
+    """
+    if source is None or (isinstance(source, str) and source == "region"):
+        if countries:
+            raise CensusError(
+                "census.coverage_countries needs census.coverage to be a polygon file "
+                "(e.g. GISCO's CNTR_RG_01M_2020_3035.geojson)"
+            )
+        return np.ones(grid.cell_shape, dtype=bool)
+    sources = [source] if isinstance(source, (str, Path)) else list(source)
+    covered = np.zeros(grid.cell_shape, dtype=bool)
+    for src in sources:
+        covered |= _read_one_coverage(str(src), grid, countries, country_property, storage_options)
+    if not covered.any():
+        names = ", ".join(str(s) for s in sources)
+        raise CensusError(
+            f"{names}: the census coverage holds no cell of the region {grid.bounds} "
+            f"(EPSG:{EPSG}); check its CRS and extent, census.coverage_countries, or leave "
+            "census.coverage out to take the whole region as covered"
+        )
+    return covered
+
+
+def _read_one_coverage(
+    name: str,
+    grid: Grid,
+    countries: Sequence[str] | None,
+    country_property: str,
+    storage_options: dict | None,
+) -> np.ndarray:
+    suffix = Path(name.split("?")[0]).suffix.lower()
+    if suffix not in (".geojson", ".json", ".tif", ".tiff", ".vrt"):
+        raise CensusError(
+            f"{name}: unknown coverage format {suffix!r}; give polygons as .geojson or a "
+            "raster as .tif (or census.coverage: region)"
+        )
+    local = _fetch(name, storage_options, what="coverage") if "://" in name else Path(name)
+    try:
+        if not local.is_file():
+            raise CensusError(
+                f"{name}: coverage file not found; set census.coverage to a GeoJSON of the "
+                "census' countries, a coverage raster, or 'region'"
+            )
+        if suffix in (".geojson", ".json"):
+            shapes, crs = _read_polygons(local, name, countries, country_property)
+            return coverage_from_shapes(shapes, grid, crs=crs)
+        return _coverage_raster(local, name, grid)
+    finally:
+        if local != Path(name):
+            local.unlink(missing_ok=True)
 
 
 def _read_table(path: Path, column: str) -> pd.DataFrame:
@@ -108,26 +468,25 @@ def _read_gpkg(path: Path) -> pd.DataFrame:
         return pd.read_sql_query(f'SELECT {sel} FROM "{table}"', con)
 
 
-def _fetch(url: str, storage_options: dict | None) -> Path:
-    """Copy a remote census file (``s3://``, ``https://``, any fsspec URL) to a temp file."""
+def _fetch(url: str, storage_options: dict | None, *, what: str = "census") -> Path:
+    """Copy a remote file (``s3://``, ``https://``, any fsspec URL) to a temp file."""
     import shutil
     import tempfile
 
     import fsspec
 
     suffix = Path(url.split("?")[0]).suffix
-    tmp = tempfile.NamedTemporaryFile(prefix="popdask-census-", suffix=suffix, delete=False)
+    tmp = tempfile.NamedTemporaryFile(prefix=f"popdask-{what}-", suffix=suffix, delete=False)
+    key = "census.path" if what == "census" else "census.coverage"
     try:
         with fsspec.open(url, "rb", **dict(storage_options or {})) as src, tmp:
             shutil.copyfileobj(src, tmp)
     except FileNotFoundError:
         Path(tmp.name).unlink(missing_ok=True)
-        raise CensusError(
-            f"{url}: census file not found; set census.path to a GISCO grid file"
-        ) from None
+        raise CensusError(f"{url}: {what} file not found; check {key}") from None
     except Exception as e:
         Path(tmp.name).unlink(missing_ok=True)
-        raise CensusError(f"{url}: cannot fetch the census file ({type(e).__name__}: {e})") from e
+        raise CensusError(f"{url}: cannot fetch the {what} file ({type(e).__name__}: {e})") from e
     return Path(tmp.name)
 
 
@@ -137,6 +496,9 @@ def read_census(
     *,
     column: str = "TOT_P_2021",
     storage_options: dict | None = None,
+    absent: Absent = "zero",
+    coverage: np.ndarray | None = None,
+    flag_column: str | None = None,
 ) -> xr.DataArray:
     """Read a GISCO 1 km population grid onto the census cells of ``grid``.
 
@@ -148,31 +510,87 @@ def read_census(
     grid
         The run's grid; its ``cell`` must match the file's resolution.
     column
-        Population column, e.g. ``TOT_P_2021`` (2021 grid), ``TOT_P_2018`` or ``TOT_P``.
+        Population column, e.g. ``TOT_P_2021`` (GEOSTAT 2021), ``TOT_P_2018``, ``TOT_P`` or
+        ``T`` (the Census 2021 grid).
     storage_options
         fsspec options for a URL ``path`` (credentials stay in the environment).
+    absent
+        What a cell the file does not list is, inside the coverage: ``"zero"`` (default;
+        Eurostat lists populated cells only) or ``"unknown"`` (NaN).
+    coverage
+        ``(y_cell, x_cell)`` booleans from :func:`read_coverage`; ``None``: the whole region
+        is covered. Absent cells outside it are unknown.
+    flag_column
+        Column whose set value (anything but empty, NaN, 0 or false-like) makes a row
+        unknown; default ``CONFIDENTIALSTATUS`` when the file has it.
 
     Returns
     -------
     xarray.DataArray
-        ``census`` with dims ``(y_cell, x_cell)``, float32, NaN where unknown.
+        ``census`` with dims ``(y_cell, x_cell)``, float32, NaN where unknown, 0 where absent
+        and covered. ``attrs`` hold ``cells_known``, ``cells_absent_zero``, ``cells_unknown``
+        (they are also logged), ``absent`` and the flag column used.
 
     Raises
     ------
     CensusError
-        If the file is missing, lacks the column or cell ids, is in another CRS or
-        resolution, or has no known cell in the region.
+        If the file is missing, lacks the column, the flag column or cell ids, is in another
+        CRS or resolution, or lists no cell of the region.
     """
+    kw = {"name": str(path), "absent": absent, "coverage": coverage, "flag_column": flag_column}
     if "://" in str(path):
         local = _fetch(str(path), storage_options)
         try:
-            return _read_local(local, grid, column, name=str(path))
+            return _read_local(local, grid, column, **kw)
         finally:
             local.unlink(missing_ok=True)
-    return _read_local(Path(path), grid, column, name=str(path))
+    return _read_local(Path(path), grid, column, **kw)
 
 
-def _read_local(path: Path, grid: Grid, column: str, *, name: str) -> xr.DataArray:
+def census_from_config(cfg: CensusConfig, grid: Grid) -> xr.DataArray:
+    """:func:`read_census` with everything the run configuration's ``census`` section says
+    (its coverage read by :func:`read_coverage`)."""
+    coverage = read_coverage(
+        cfg.coverage,
+        grid,
+        countries=cfg.coverage_countries,
+        country_property=cfg.coverage_property,
+        storage_options=cfg.storage_options,
+    )
+    da = read_census(
+        cfg.path,
+        grid,
+        column=cfg.column,
+        storage_options=cfg.storage_options,
+        absent=cfg.absent,
+        coverage=coverage,
+        flag_column=cfg.flag_column,
+    )
+    da.attrs["coverage"] = _coverage_name(cfg.coverage)
+    if cfg.coverage_countries:
+        da.attrs["coverage_countries"] = list(cfg.coverage_countries)
+    return da
+
+
+def _coverage_name(coverage: str | list[str] | None) -> str | list[str]:
+    """How the store's attrs name the coverage: ``region`` or the file name(s)."""
+    if coverage is None or coverage == "region":
+        return "region"
+    if isinstance(coverage, str):
+        return Path(coverage.split("?")[0]).name
+    return [Path(str(c).split("?")[0]).name for c in coverage]
+
+
+def _read_local(
+    path: Path,
+    grid: Grid,
+    column: str,
+    *,
+    name: str,
+    absent: Absent = "zero",
+    coverage: np.ndarray | None = None,
+    flag_column: str | None = None,
+) -> xr.DataArray:
     if not path.is_file():
         raise CensusError(f"{name}: census file not found; set census.path to a GISCO grid file")
     try:
@@ -188,6 +606,13 @@ def _read_local(path: Path, grid: Grid, column: str, *, name: str) -> xr.DataArr
             f"{path}: no population column {column!r}; set census.column to one of "
             f"{[c for c in df.columns if c.upper() not in ('GRD_ID', 'X_LLC', 'Y_LLC')][:12]}"
         )
+    if flag_column is not None and flag_column not in df.columns:
+        raise CensusError(
+            f"{path}: no flag column {flag_column!r}; set census.flag_column to one of "
+            f"{list(df.columns)[:16]} or leave it out"
+        )
+    if flag_column is None and CONFIDENTIAL_COLUMN in columns:
+        flag_column = columns[CONFIDENTIAL_COLUMN]
     if "GRD_ID" in columns:
         cells = parse_grd_id(df[columns["GRD_ID"]])
         crs = set(cells["crs"].unique())
@@ -216,16 +641,38 @@ def _read_local(path: Path, grid: Grid, column: str, *, name: str) -> xr.DataArr
             f"{path}: no cell id; the table needs a GRD_ID column or X_LLC and Y_LLC columns"
         )
     values = pd.to_numeric(df[column], errors="coerce").to_numpy(np.float64)
-    raster = cells_to_raster(x_llc, y_llc, values, grid)
-    if not np.isfinite(raster).any():
+    flagged = None if flag_column is None else flag_values(df[flag_column])
+    raster, state = classify_cells(
+        x_llc, y_llc, values, grid, covered=coverage, absent=absent, flagged=flagged
+    )
+    if not (state == KNOWN).any():
         raise CensusError(
             f"{path}: no known {column} value inside the region {grid.bounds} (EPSG:{EPSG}); "
-            "the file does not cover the region — check region.bbox or use the right country file"
+            "the file does not cover the region — check region.bbox or use the right country "
+            "file"
         )
+    counts = count_cells(state)
+    log.info(
+        "census %s: %d cells: %d known, %d zero by absence (absent: %s), %d unknown "
+        "(flagged/empty/negative or outside the coverage)",
+        Path(str(path).split("?")[0]).name,
+        state.size,
+        counts["cells_known"],
+        counts["cells_absent_zero"],
+        absent,
+        counts["cells_unknown"],
+    )
     return xr.DataArray(
         raster,
         dims=("y_cell", "x_cell"),
         coords=grid.cell_coords(),
         name="census",
-        attrs={"units": "persons", "source": Path(str(path).split("?")[0]).name, "column": column},
+        attrs={
+            "units": "persons",
+            "source": Path(str(path).split("?")[0]).name,
+            "column": column,
+            "absent": absent,
+            "flag_column": flag_column or "",
+            **counts,
+        },
     )

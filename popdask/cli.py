@@ -63,6 +63,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     status = store.tile_status(args.store, json.loads(args.storage_options))
     counts = {name: int((status == code).sum()) for code, name in store.STATUS_NAMES.items()}
     print(f"{args.store}: {status.size} tiles: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    census = store.census_attrs(args.store, json.loads(args.storage_options))
+    if "cells_known" in census:
+        total = sum(int(census[k]) for k in ("cells_known", "cells_absent_zero", "cells_unknown"))
+        print(
+            f"  census {census.get('source', '')} ({census.get('column', '')}): {total} cells: "
+            f"{census['cells_known']} known, {census['cells_absent_zero']} zero by absence, "
+            f"{census['cells_unknown']} unknown"
+        )
     return 0 if np.all(status == store.COMPLETE) else 3
 
 

@@ -9,7 +9,7 @@ contract of DESIGN.md ("Run configuration")::
     # or stac: {preset: planetary-computer} / {preset: earth-search} (see popdask.presets)
     sources:
       sentinel2: {collection: sentinel-2-l2a, datetime: 2019-06-01/2022-10-31, ...}
-    census: {path: grid_1km.gpkg, column: TOT_P_2021}
+    census: {path: grid_1km.gpkg, column: TOT_P_2021}   # absent cells are 0 (see CensusConfig)
     model: {components: 10, clusters: 150, sample_pixels: 300000, seed: 0}
     regression: {rescale: true}
     output: {path: out.zarr, storage_options: {}}
@@ -20,6 +20,7 @@ Relative file paths are taken relative to the YAML file's folder.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import warnings
@@ -170,9 +171,57 @@ class SourcesConfig(_Model):
 
 
 class CensusConfig(_Model):
+    """The 1 km census (see :mod:`popdask.census`).
+
+    Eurostat lists populated cells only: inside the ``coverage`` a cell the file does not
+    list is 0 (``absent: zero``) or, for a file partial on purpose, unknown
+    (``absent: unknown``). ``coverage`` is ``region`` (the default: the whole run region is
+    covered), a GeoJSON of polygons (EPSG:4326, or EPSG:3035 declared in its ``crs``; a cell
+    is covered when its centre is inside; ``coverage_countries`` keeps the features whose
+    ``coverage_property`` is listed), a raster (``.tif``; non-zero, non-nodata cells are
+    covered), or a list of these (covered by any). ``flag_column`` marks rows confidential
+    (unknown); by default ``CONFIDENTIALSTATUS`` when the file has it.
+    """
+
     path: str  # local path or fsspec URL
     column: str = "TOT_P_2021"
     storage_options: dict[str, Any] = {}
+    absent: Literal["zero", "unknown"] = "zero"
+    coverage: str | list[str] | None = None  # None = "region"
+    coverage_countries: list[str] | None = None
+    coverage_property: str = "CNTR_ID"
+    flag_column: str | None = None
+
+    @field_validator("coverage")
+    @classmethod
+    def _coverage(cls, v: str | list[str] | None) -> str | list[str] | None:
+        items = [v] if isinstance(v, str) else (v or [])
+        if isinstance(v, list) and not v:
+            raise ValueError("give census.coverage as region, a file, or a non-empty list")
+        for item in items:
+            if item == "region":
+                if isinstance(v, list):
+                    raise ValueError("'region' cannot be combined with coverage files")
+                continue
+            suffix = Path(item.split("?")[0]).suffix.lower()
+            if suffix not in (".geojson", ".json", ".tif", ".tiff", ".vrt"):
+                raise ValueError(
+                    f"coverage {item!r} must be 'region', polygons (.geojson) or a raster (.tif)"
+                )
+        return v
+
+    @model_validator(mode="after")
+    def _countries(self) -> CensusConfig:
+        if self.coverage_countries is not None:
+            items = [self.coverage] if isinstance(self.coverage, str) else (self.coverage or [])
+            if not any(Path(i).suffix.lower() in (".geojson", ".json") for i in items):
+                raise ValueError(
+                    "coverage_countries needs census.coverage to be a polygon file (.geojson), "
+                    "e.g. GISCO's CNTR_RG_01M_2020_4326.geojson"
+                )
+            if not self.coverage_countries:
+                raise ValueError("coverage_countries is empty: list country ids or leave it out")
+        return self
 
 
 class ModelConfig(_Model):
@@ -310,7 +359,8 @@ def config_from_dict(
     overrides
         ``"section.key=value"`` strings; values are parsed as YAML (``model.clusters=50``).
     base_dir
-        Folder against which relative ``census.path`` and ``output.path`` are resolved.
+        Folder against which relative ``census.path``, ``census.coverage`` and
+        ``output.path`` are resolved.
     name
         What to call the configuration in error messages (usually its file name).
 
@@ -319,7 +369,7 @@ def config_from_dict(
     ConfigError
         With one line per problem, naming the key.
     """
-    data = dict(data or {})
+    data = copy.deepcopy(dict(data or {}))  # overrides must not change the caller's dicts
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
@@ -336,6 +386,17 @@ def config_from_dict(
                 p = sec["path"]
                 if not _is_url(p) and not os.path.isabs(p):
                     data[section] = {**sec, "path": str((base_dir / p).resolve())}
+        sec = data.get("census")
+        if isinstance(sec, dict) and isinstance(sec.get("coverage"), (str, list)):
+            cov = sec["coverage"]
+
+            def _abs(p: Any) -> Any:
+                if not isinstance(p, str) or p == "region" or _is_url(p) or os.path.isabs(p):
+                    return p
+                return str((base_dir / p).resolve())
+
+            cov = _abs(cov) if isinstance(cov, str) else [_abs(c) for c in cov]
+            data["census"] = {**sec, "coverage": cov}
     try:
         cfg = Config.model_validate(data)
         cfg.make_grid()

@@ -32,7 +32,7 @@ import numpy as np
 from distributed import Client
 
 from popdask import __version__, regression, store, tasks, terms
-from popdask.census import read_census
+from popdask.census import census_from_config
 from popdask.config import Config
 from popdask.grid import Grid, Tile
 from popdask.model import PixelModel, fit_model, sample_tile
@@ -692,9 +692,7 @@ def run(
     grid = cfg.make_grid()
     path, so = cfg.output.store, cfg.output.storage_options
     log.info("grid: %s, %d×%d px, %d tiles", grid.bounds, *grid.shape, len(grid.tiles()))
-    census = read_census(
-        cfg.census.path, grid, column=cfg.census.column, storage_options=cfg.census.storage_options
-    )
+    census = census_from_config(cfg.census, grid)
     sources = search_sources(cfg, region_lonlat(grid))
     bands = [b for s in sources for b in s.bands]
     kinds = [s.role for s in sources for _ in s.bands]

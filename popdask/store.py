@@ -461,6 +461,13 @@ def read_census(path: str, storage_options=None) -> np.ndarray:
     return np.asarray(arr.read((slice(None), slice(None))), np.float32)
 
 
+def census_attrs(path: str, storage_options=None) -> dict[str, Any]:
+    """The ``census`` array's attributes: source, column and the cell counts
+    (``cells_known``, ``cells_absent_zero``, ``cells_unknown``) :func:`create` copied from
+    the census DataArray."""
+    return dict(open_array(path, "census", storage_options, mode="r").attrs)
+
+
 def root_attrs(path: str, storage_options=None) -> dict[str, Any]:
     """The store's root attributes, read without opening the group."""
     fs, key = resolve(path, ".zattrs", storage_options)

@@ -8,7 +8,8 @@ and be scored against a known truth:
   ``items/<id>.ndjson`` — its Items, one JSON object a line (the form ``rustac serve`` takes);
 - ``sentinel-2-l2a/<item id>/<asset>.tif``, ``sentinel-1-rtc/...``, ``viirs-nightlights/...``
   — Cloud-Optimized GeoTIFFs (512/256/128 px tiles, DEFLATE, internal overviews);
-- ``census.csv`` — the 1 km census in GISCO form (``GRD_ID``, ``TOT_P_2021``);
+- ``census.csv`` — the 1 km census in GISCO form (``GRD_ID``, ``TOT_P_2021``,
+  ``CONFIDENTIALSTATUS``), populated cells only;
 - ``truth.tif`` — true persons per 20 m pixel (float32, EPSG:3035, exactly the bbox);
 - ``landcover.tif`` — the land-cover class of each 20 m pixel (uint8, `LANDCOVER_CLASSES`).
 
@@ -60,9 +61,10 @@ VIIRS night lights (collection ``viirs-nightlights``)
     ``end_datetime`` span the month).
 Census
     ``GRD_ID`` is ``CRS3035RES1000mN{y}E{x}`` with (x, y) the lower-left corner of the 1 km
-    cell in EPSG:3035 metres; ``TOT_P_2021`` the rounded sum of the truth over the cell. Every
-    cell of the bbox is listed; about 1.5 % of the populated cells are confidential: an empty
-    value (unknown, not zero).
+    cell in EPSG:3035 metres; ``TOT_P_2021`` the rounded sum of the truth over the cell. As
+    Eurostat does, only populated cells are listed (no row with 0: a cell of the bbox that is
+    not listed is uninhabited); about 1.5 % of them are confidential, flagged
+    ``CONFIDENTIALSTATUS`` = 1 (0 otherwise), so their count must not be used (unknown).
 
 All randomness comes from ``numpy.random.default_rng(seed)`` (split into independent child
 generators per component, so that, e.g., the number of Sentinel-2 dates does not change the
@@ -366,7 +368,8 @@ class DemoRegion:
     items : dict of str to Path
         Collection id -> its items file (newline-delimited JSON, one STAC Item a line).
     census : Path
-        The 1 km census table (CSV: ``GRD_ID``, ``TOT_P_2021``; empty = confidential).
+        The 1 km census table (CSV: ``GRD_ID``, ``TOT_P_2021``, ``CONFIDENTIALSTATUS``;
+        populated cells only, 1 = confidential).
     truth : Path
         GeoTIFF of the true persons per 20 m pixel (float32, EPSG:3035, exactly `bbox`).
     """
@@ -1382,7 +1385,7 @@ def census_table(
     cell: int = 1000,
     confidential_fraction: float = 0.015,
 ) -> pd.DataFrame:
-    """Aggregate a population grid to GISCO census cells.
+    """Aggregate a population grid to GISCO census cells, listed the way Eurostat does.
 
     Parameters
     ----------
@@ -1395,15 +1398,17 @@ def census_table(
     cell : int, default 1000
         Cell size in metres.
     confidential_fraction : float, default 0.015
-        Share of populated cells whose count is withheld (at least one when there are 10+
+        Share of populated cells flagged confidential (at least one when there are 10+
         populated cells).
 
     Returns
     -------
     pandas.DataFrame
-        ``GRD_ID`` (``CRS3035RES1000mN{y_llc}E{x_llc}``), ``TOT_P_2021`` (nullable Int64,
-        rounded; <NA> = confidential) and ``exact`` (float, the unrounded sum), one row per cell,
-        north to south, west to east.
+        One row per *populated* cell (rounded count >= 1; a cell of `bbox` that is not listed
+        has nobody in it), north to south, west to east: ``GRD_ID``
+        (``CRS3035RES1000mN{y_llc}E{x_llc}``), ``TOT_P_2021`` (int, rounded),
+        ``CONFIDENTIALSTATUS`` (1 = confidential: the count must not be used; 0 otherwise)
+        and ``exact`` (float, the unrounded sum).
     """
     xmin, ymin, xmax, ymax = (round(v) for v in bbox)
     ny, nx = (ymax - ymin) // cell, (xmax - xmin) // cell
@@ -1418,16 +1423,26 @@ def census_table(
     iy, ix = np.mgrid[0:ny, 0:nx]
     y_llc = ymax - (iy + 1) * cell
     x_llc = xmin + ix * cell
-    ids = [f"CRS3035RES{cell}mN{y}E{x}" for y, x in zip(y_llc.ravel(), x_llc.ravel(), strict=True)]
+    ids = np.array(
+        [f"CRS3035RES{cell}mN{y}E{x}" for y, x in zip(y_llc.ravel(), x_llc.ravel(), strict=True)]
+    )
     exact = sums.ravel()
-    counts = pd.array(np.rint(exact).astype(np.int64), dtype="Int64")
-    populated = np.flatnonzero(exact >= 0.5)
+    counts = np.rint(exact).astype(np.int64)
+    populated = np.flatnonzero(counts >= 1)
     n_conf = round(confidential_fraction * len(populated))
     if len(populated) >= 10:
         n_conf = max(1, n_conf)
+    flag = np.zeros(exact.size, dtype=np.int64)
     if n_conf:
-        counts[rng.choice(populated, size=n_conf, replace=False)] = pd.NA
-    return pd.DataFrame({"GRD_ID": ids, "TOT_P_2021": counts, "exact": exact})
+        flag[rng.choice(populated, size=n_conf, replace=False)] = 1
+    return pd.DataFrame(
+        {
+            "GRD_ID": ids[populated],
+            "TOT_P_2021": counts[populated],
+            "CONFIDENTIALSTATUS": flag[populated],
+            "exact": exact[populated],
+        }
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -1941,7 +1956,7 @@ def make_demo_region(
     )
     census = census_table(truth, bbox, rng=rng_census)
     census_path = root / "census.csv"
-    census[["GRD_ID", "TOT_P_2021"]].to_csv(census_path, index=False)
+    census[["GRD_ID", "TOT_P_2021", "CONFIDENTIALSTATUS"]].to_csv(census_path, index=False)
 
     # ---- Sentinel-2 L2A ----------------------------------------------------------------------
     sched_rng, *date_rngs = rng_s2.spawn(n_s2_dates + 1)

@@ -108,3 +108,40 @@ def test_terms_default_and_what_the_bands_allow():
         config_from_dict({**BASE, "regression": {"terms": ["height"]}})
     with pytest.raises(ConfigError, match="context_radius"):
         config_from_dict({**BASE, "regression": {"context_radius": 0}})
+
+
+def test_census_absent_and_coverage_keys(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text(yaml.safe_dump(BASE))
+    c = load_config(p).census
+    assert (c.absent, c.coverage, c.coverage_countries, c.flag_column) == ("zero", None, None, None)
+    census = {
+        "path": "grid.csv",
+        "column": "T",
+        "absent": "unknown",
+        "coverage": "gisco/CNTR_RG_01M_2020_4326.geojson",
+        "coverage_countries": ["BE", "NL"],
+        "flag_column": "CONFIDENTIALSTATUS",
+    }
+    p.write_text(yaml.safe_dump({**BASE, "census": census}))
+    c = load_config(p).census
+    assert c.absent == "unknown" and c.coverage_countries == ["BE", "NL"]
+    assert c.coverage == str(tmp_path / "gisco" / "CNTR_RG_01M_2020_4326.geojson")
+    cfg = config_from_dict(BASE, overrides=["census.coverage=[land.tif, s3://b/c.geojson]"])
+    assert cfg.census.coverage == ["land.tif", "s3://b/c.geojson"]
+    assert config_from_dict(BASE, overrides=["census.coverage=region"]).census.coverage == "region"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("census.absent=nan", "census.absent: Input should be 'zero' or 'unknown'"),
+        ("census.coverage=countries.shp", "census.coverage: coverage 'countries.shp' must be"),
+        ("census.coverage=[]", "census.coverage: give census.coverage as region"),
+        ("census.coverage_countries=[BE]", "coverage_countries needs census.coverage to be a"),
+        ("census.covrage=region", "census.covrage: unknown key"),
+    ],
+)
+def test_census_keys_are_validated(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        config_from_dict(BASE, overrides=[override])

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+import rasterio
 import xarray as xr
 
 from popdask import cli
@@ -39,6 +41,15 @@ def test_demo_command_end_to_end(tmp_path, capsys):
     assert (out / "quicklook.png").stat().st_size > 10_000
     ds = xr.open_zarr(out / "popdask-demo.zarr")
     assert ds.population.rio.crs.to_epsg() == 3035 and ds.sizes["y"] == 200
+    # the census lists populated cells only: the cells it leaves out are uninhabited, so the
+    # map must put (next to) nobody there (issue 19: with absent cells unknown it put people
+    # there)
+    with rasterio.open(out / "data" / "truth.tif") as src:
+        truth = src.read(1).astype(np.float64).reshape(4, 50, 4, 50).sum(axis=(1, 3))
+    pop = ds.population.values.astype(np.float64).reshape(4, 50, 4, 50).sum(axis=(1, 3))
+    empty = np.rint(truth) == 0
+    assert empty.sum() >= 3 and ds.census.attrs["cells_absent_zero"] == empty.sum()
+    assert pop[empty].sum() <= 1e-3 * pop.sum()
     # the configuration the demo ran is written out and is a valid run configuration
     cfg = load_config(out / "demo.yaml")
     assert cfg.stac.url.startswith("http://127.0.0.1:")

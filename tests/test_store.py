@@ -194,3 +194,29 @@ def test_sample_is_read_back_once_every_tile_wrote_its_part(path):
     store.write_sample(path, 2, np.empty((0, 2), np.float32))  # a tile with no valid pixel
     np.testing.assert_array_equal(store.read_sample(path, attrs), np.concatenate(parts))
     assert store.read_sample(path, {**attrs, "seed": 1}) is None  # drawn for another run
+
+
+def test_census_attrs_land_in_the_zarr_array(tmp_path, grid, capsys):
+    """read_census' counts travel from the DataArray's attrs to the store and `status`."""
+    from popdask import cli
+    from popdask.census import cells_to_raster, classify_cells, count_cells
+
+    xs, ys, vals = [4321000, 4322000], [3211000, 3210000], [5.0, np.nan]
+    raster, state = classify_cells(xs, ys, vals, grid)
+    assert np.array_equal(raster, cells_to_raster(xs, ys, vals, grid), equal_nan=True)
+    census = xr.DataArray(
+        raster,
+        dims=("y_cell", "x_cell"),
+        coords=grid.cell_coords(),
+        attrs={"source": "census.csv", "column": "T", "absent": "zero", **count_cells(state)},
+    )
+    p = str(tmp_path / "out.zarr")
+    store.create(p, grid, bands=["B02"], kinds=["reflectance"], census=census, attrs={})
+    a = store.census_attrs(p)
+    assert (a["cells_known"], a["cells_absent_zero"], a["cells_unknown"]) == (1, 4, 1)
+    assert a["source"] == "census.csv" and a["absent"] == "zero"
+    assert xr.open_zarr(p).census.attrs["cells_absent_zero"] == 4
+    assert cli.main(["status", p]) == 3  # no tile done yet
+    assert "census census.csv (T): 6 cells: 1 known, 4 zero by absence, 1 unknown" in (
+        capsys.readouterr().out
+    )

@@ -7,7 +7,6 @@ determinism and the href rewriting. Every test asserts a property the pipeline r
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -23,6 +22,7 @@ from popdask.synthetic import (
     LANDCOVER_CLASSES,
     S2_BANDS,
     DemoRegion,
+    census_table,
     make_demo_region,
     make_landscape,
     rewrite_hrefs,
@@ -100,28 +100,57 @@ def test_truth_and_landcover_cover_the_bbox_on_the_3035_grid(region):
 def test_census_cells_are_gisco_cells_summing_the_truth(region):
     truth, _ = read(region.truth)
     census = pd.read_csv(region.census, dtype={"GRD_ID": str})
-    assert list(census.columns) == ["GRD_ID", "TOT_P_2021"]
-    assert len(census) == 16  # every cell of the 4 x 4 km region, populated or not
-    corners = set()
-    for grd_id, count in zip(census.GRD_ID, census.TOT_P_2021, strict=True):
+    assert list(census.columns) == ["GRD_ID", "TOT_P_2021", "CONFIDENTIALSTATUS"]
+    assert census.notna().all().all()  # nothing written empty: confidential rows are flagged
+    listed = {}
+    for grd_id, count, flag in census.itertuples(index=False):
         m = re.fullmatch(r"CRS3035RES1000mN(\d+)E(\d+)", grd_id)
         assert m, grd_id
-        y, x = int(m[1]), int(m[2])
-        corners.add((x, y))
-        row, col = (BBOX[3] - y - 1000) // 20, (x - BBOX[0]) // 20
-        cell_sum = truth[row : row + 50, col : col + 50].astype(np.float64).sum()
-        if math.isnan(count):
-            assert cell_sum > 0.5, "only populated cells are confidential"
-        else:
-            assert abs(count - cell_sum) <= 0.5 + 1e-6
-            assert count == round(count)
-    expected = {
-        (x, y) for x in range(BBOX[0], BBOX[2], 1000) for y in range(BBOX[1], BBOX[3], 1000)
-    }
-    assert corners == expected
-    # confidential cells are empty in the CSV (unknown), not zero
-    assert census.TOT_P_2021.isna().sum() >= 1
-    assert re.search(r"^CRS3035RES1000mN\d+E\d+,$", region.census.read_text(), re.M)
+        listed[int(m[2]), int(m[1])] = (count, flag)
+    populated = set()
+    for x in range(BBOX[0], BBOX[2], 1000):
+        for y in range(BBOX[1], BBOX[3], 1000):
+            row, col = (BBOX[3] - y - 1000) // 20, (x - BBOX[0]) // 20
+            cell_sum = truth[row : row + 50, col : col + 50].astype(np.float64).sum()
+            if (x, y) in listed:
+                count, _ = listed[x, y]
+                assert count >= 1 and abs(count - cell_sum) <= 0.5 + 1e-6
+            else:  # Eurostat lists populated cells only: an absent cell has nobody in it
+                assert round(cell_sum) == 0
+            if round(cell_sum) >= 1:
+                populated.add((x, y))
+    assert set(listed) == populated
+    # confidential cells are flagged (their count is not to be used), never written empty
+    flags = census.CONFIDENTIALSTATUS
+    assert set(flags.unique()) <= {0, 1} and flags.sum() >= 1
+
+
+def test_census_table_lists_populated_cells_only():
+    pop = np.zeros((150, 150), np.float32)  # 3 x 3 cells of 20 m pixels
+    pop[:50, :50] = 0.01  # 25 persons in the north-west cell
+    pop[100:, 100:] = 0.0001  # 0.25 persons in the south-east cell: rounds to 0, not listed
+    pop[50:100, 50:100] = 1.0  # 2500 persons in the middle
+    t = census_table(pop, (0, 0, 3000, 3000), rng=np.random.default_rng(0))
+    assert t.GRD_ID.tolist() == ["CRS3035RES1000mN2000E0", "CRS3035RES1000mN1000E1000"]
+    assert t.TOT_P_2021.tolist() == [25, 2500] and (t.TOT_P_2021 > 0).all()
+    assert t.CONFIDENTIALSTATUS.tolist() == [0, 0]  # fewer than 10 populated cells
+    pop = np.ones((500, 500), np.float32)  # 100 populated cells: 2 flagged (1.5 %, rounded)
+    t = census_table(pop, (0, 0, 10000, 10000), rng=np.random.default_rng(0))
+    assert len(t) == 100 and t.CONFIDENTIALSTATUS.sum() == 2
+
+
+def test_the_demo_census_reads_as_zero_known_and_unknown(region):
+    from popdask.census import read_census
+    from popdask.grid import Grid
+
+    truth, _ = read(region.truth)
+    cells = truth.astype(np.float64).reshape(4, 50, 4, 50).sum(axis=(1, 3))
+    da = read_census(region.census, Grid.from_bbox(BBOX))
+    flagged = pd.read_csv(region.census).CONFIDENTIALSTATUS.to_numpy() == 1
+    assert np.isnan(da.values).sum() == flagged.sum() == da.attrs["cells_unknown"]
+    known = np.isfinite(da.values)
+    assert np.all(np.abs(da.values[known] - cells[known]) <= 0.5 + 1e-6)
+    assert da.attrs["cells_absent_zero"] == int((np.rint(cells) == 0).sum())
 
 
 def test_population_is_not_a_function_of_land_cover(region):
