@@ -588,13 +588,17 @@ def _known(fractions, population, groups):
     return xk, pop[known], (None if groups is None else groups[known]), known
 
 
-def fit_densities(fractions, population, groups=None, **options) -> np.ndarray:
+def fit_densities(
+    fractions, population, groups=None, *, max_cells: int = 200_000, seed: int = 0, **options
+) -> np.ndarray:
     """Fit non-negative persons-per-cluster densities to census counts.
 
     Parameters
     ----------
-    fractions : array_like, shape (n_cells, n_clusters)
+    fractions : array_like or dask.array.Array, shape (n_cells, n_clusters)
         Share of each cell's pixels in each cluster (rows sum to ~1; see `cell_fractions`).
+        A dask array (rows chunked) is never gathered whole: the fit sees a uniform sample
+        of its known cells, at most about ``max_cells`` of them (`sample_known`).
     population : array_like, shape (n_cells,)
         Census count per cell; NaN or negative means unknown and the cell is ignored.
     groups : array_like, shape (n_cells,), optional
@@ -654,9 +658,43 @@ def fit_densities(fractions, population, groups=None, **options) -> np.ndarray:
         On an unknown option.
     """
     opts = _parse_options(options)
+    if _is_dask(fractions):
+        fractions, population, groups = sample_known(
+            fractions, population, groups, max_cells=max_cells, seed=seed
+        )
     x, y, g, _ = _known(fractions, population, groups)
     with _small_blas(x.size):
         return _fit_densities(x, y, g, opts)
+
+
+def sample_known(fractions, population, groups=None, *, max_cells: int = 200_000, seed: int = 0):
+    """The rows of a dask ``fractions`` (rows chunked) the fit sees, as NumPy arrays.
+
+    Every row with a known population is kept with probability ``min(1, max_cells /
+    known rows)``, decided by a hash of its row number and ``seed``
+    (`popdask.reductions.uniform`, as the pipeline picks cells), so about ``max_cells`` rows
+    reach the client; the rest are read and dropped blockwise on the workers.
+
+    Returns
+    -------
+    fractions, population, groups
+        NumPy arrays of the kept rows (``groups`` None when not given).
+    """
+    import dask
+    import dask.array as da
+
+    from popdask.reductions import sample_share, uniform
+
+    x = fractions
+    rows = (x.chunks[0],)
+    pop = da.asarray(population).rechunk(rows)
+    known = da.isfinite(pop) & (pop >= 0)
+    share = sample_share(max_cells, int(known.sum().compute()))
+    index = da.arange(x.shape[0], chunks=rows)
+    keep = known & (index.map_blocks(uniform, seed, dtype=np.float64) < share)
+    g = None if groups is None else da.asarray(groups).rechunk(rows)[keep]
+    x, pop, g = dask.compute(x[keep], pop[keep], g)
+    return np.asarray(x), np.asarray(pop), (None if g is None else np.asarray(g))
 
 
 def _small_blas(size: int) -> contextlib.AbstractContextManager:

@@ -145,3 +145,14 @@ def test_census_absent_and_coverage_keys(tmp_path):
 def test_census_keys_are_validated(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
         config_from_dict(BASE, overrides=[override])
+
+
+def test_batch_tiles_of_older_configurations_is_ignored_with_a_warning():
+    with pytest.warns(FutureWarning, match="tiles_per_thread"):
+        cfg = config_from_dict({**BASE, "cluster": {"batch_tiles": 40}})
+    assert cfg.cluster.tiles_per_thread == 2.0
+    assert (
+        config_from_dict({**BASE, "cluster": {"tiles_per_thread": 3}}).cluster.tiles_per_thread == 3
+    )
+    with pytest.raises(ConfigError, match="tiles_per_thread"):
+        config_from_dict({**BASE, "cluster": {"tiles_per_thread": 0.5}})

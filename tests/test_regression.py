@@ -542,3 +542,51 @@ def test_real_cells_with_the_context_term_reach_the_bar():
     assert s["mae"] <= 560.0
     ratio = predicted.sum() / population.sum()
     assert 0.97 <= ratio <= 1.01
+
+
+def _synthetic_design(n: int, k: int, seed: int = 0):
+    """Cells of ``k`` clusters whose counts follow known densities (Poisson noise)."""
+    rng = np.random.default_rng(seed)
+    x = rng.dirichlet(np.full(k, 0.3), size=n)
+    truth = rng.uniform(0, 3000, k)
+    truth[: k // 5] = 0.0  # uninhabited clusters
+    y = rng.poisson(x @ truth).astype(np.float64)
+    y[rng.random(n) < 0.05] = np.nan  # unknown cells
+    return x, y, truth
+
+
+def test_fit_densities_on_dask_rows_sees_a_bounded_sample_of_known_cells():
+    """A dask design is fitted on the known rows its hash picks, the same rows the NumPy
+    path would be given; the client gets about ``max_cells`` rows, not the region."""
+    import dask.array as da
+
+    from popdask.reductions import sample_share, uniform
+
+    x, y, _ = _synthetic_design(6000, 12)
+    groups = np.arange(6000) // 300
+    dx = da.from_array(x, chunks=(700, -1))
+    got = fit_densities(dx, da.from_array(y, chunks=500), groups, max_cells=2000, seed=3)
+    known = np.isfinite(y)
+    keep = known & (uniform(np.arange(6000), 3) < sample_share(2000, int(known.sum())))
+    assert 1800 < keep.sum() < 2200
+    want = fit_densities(x[keep], y[keep], groups[keep])
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-8)
+    from popdask.regression import sample_known
+
+    xs, ys, gs = sample_known(dx, y, groups, max_cells=2000, seed=3)
+    np.testing.assert_array_equal(xs, x[keep])
+    np.testing.assert_array_equal(ys, y[keep])
+    np.testing.assert_array_equal(gs, groups[keep])
+
+
+def test_fit_densities_on_dask_rows_recovers_known_densities():
+    import dask.array as da
+
+    x, y, truth = _synthetic_design(40_000, 20, seed=1)
+    dens = fit_densities(
+        da.from_array(x, chunks=(5000, -1)), y, np.arange(40_000) // 500, max_cells=10_000
+    )
+    # densities of the clusters that matter within a few per cent; empty ones near 0
+    big = truth > 500
+    np.testing.assert_allclose(dens[big], truth[big], rtol=0.06)
+    assert (dens[truth == 0] < 60).all()

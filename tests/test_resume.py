@@ -65,12 +65,18 @@ def test_killed_run_restarts_to_the_same_store(
             proc.kill()
             proc.wait()
         proc.stderr.close()
+    from distributed import Client
+
+    # the tasks mark their own tiles: those in flight when the client died may still finish
+    # (nothing is lost), so the store is read once the cluster has let go of them
+    with Client(dask_cluster) as client:
+        deadline = time.monotonic() + 60
+        while any(client.processing().values()) and time.monotonic() < deadline:
+            time.sleep(0.1)
     before = store.tile_status(cfg.output.store)
     assert not (before == store.COMPLETE).all(), "killed too late: the run had finished"
     # a killed run never publishes its version
     assert not (tmp_path / "out.zarr" / "latest.json").exists()
-
-    from distributed import Client
 
     with Client(dask_cluster) as client:
         result = run(cfg, client=client, progress=False)
