@@ -459,15 +459,35 @@ def tile_composite(
     sign: str | None = None,
     read: ReadConfig | None = None,
 ) -> tuple[da.Array, list[str], list[str], dict[str, int]]:
-    """Lazy composite of one tile from all sources.
+    """Lazy composite of one tile from the region's items of all sources.
 
-    Hrefs are not signed here: with ``sign`` (or a source's own ``sign``) the reader signs
-    each href inside its read task, so tokens never expire between graph and read.
+    Each source contributes the items whose footprint intersects ``bounds``
+    (:meth:`SourceItems.for_bounds`); see :func:`items_composite` for the rest.
+    """
+    parts = [(src.name, src.config, src.for_bounds(bounds)) for src in sources]
+    return items_composite(parts, bounds, resolution=resolution, sign=sign, read=read)
+
+
+def items_composite(
+    parts: Sequence[tuple[str, SourceConfig, Sequence[pystac.Item]]],
+    bounds: Sequence[float],
+    *,
+    resolution: float,
+    sign: str | None = None,
+    read: ReadConfig | None = None,
+) -> tuple[da.Array, list[str], list[str], dict[str, int]]:
+    """Lazy composite of one tile from each source's own items.
+
+    ``parts`` holds ``(name, config, items)`` per source, in band order; the items are the
+    tile's (searched per tile, :mod:`popdask.catalog`, or cut from a region's search). A
+    source without items gives NaN bands. Hrefs are not signed here: with ``sign`` (or a
+    source's own ``sign``) the reader signs each href inside its read task, so tokens never
+    expire between graph and read.
 
     Returns
     -------
     data
-        ``(band, y, x)`` float32 dask array, one chunk.
+        ``(band, y, x)`` float32 dask array, one chunk; no pixel is read until compute.
     bands, kinds
         Band names and their kind (reflectance / backscatter_db / radiance).
     n_items
@@ -475,58 +495,71 @@ def tile_composite(
     """
     nx = round((bounds[2] - bounds[0]) / resolution)
     ny = round((bounds[3] - bounds[1]) / resolution)
-    parts, bands, kinds, n_items = [], [], [], {}
-    for src in sources:
-        cfg = src.config
-        items = src.for_bounds(bounds)
-        n_items[src.name] = len(items)
-        names = src.bands
-        keys = list(cfg.assets)
+    out, bands, kinds, n_items = [], [], [], {}
+    for name, cfg, items in parts:
+        n_items[name] = len(items)
+        names = cfg.bands
         bands += names
-        kinds += [src.role] * len(names)
+        kinds += [ROLES[name]] * len(names)
         if not items:
-            parts.append(da.full((len(names), ny, nx), np.nan, dtype=np.float32, chunks=-1))
+            out.append(da.full((len(names), ny, nx), np.nan, dtype=np.float32, chunks=-1))
             continue
-        reader = _reader(cfg.sign or sign, src.name)
-        assets = [*keys, *([cfg.mask_asset] if cfg.mask_asset and src.name == "sentinel2" else [])]
-        resampling = (
-            cfg.resampling if "resampling" in cfg.model_fields_set else DEFAULT_RESAMPLING[src.name]
+        out.append(
+            _source_composite(name, cfg, items, bounds, resolution=resolution, sign=sign, read=read)
         )
-        stack = load_stack(
-            items,
-            assets,
-            bounds=bounds,
-            resolution=resolution,
-            resampling=resampling,
-            reader=reader,
-            subdataset=cfg.subdataset,
-            read=read,
+    return da.concatenate(out, axis=0), bands, kinds, n_items
+
+
+def _source_composite(
+    name: str,
+    cfg: SourceConfig,
+    items: Sequence[pystac.Item],
+    bounds: Sequence[float],
+    *,
+    resolution: float,
+    sign: str | None,
+    read: ReadConfig | None,
+) -> da.Array:
+    """Lazy ``(band, y, x)`` composite of one source's items (at least one) on ``bounds``."""
+    nx = round((bounds[2] - bounds[0]) / resolution)
+    ny = round((bounds[3] - bounds[1]) / resolution)
+    names = cfg.bands
+    reader = _reader(cfg.sign or sign, name)
+    assets = [*cfg.assets, *([cfg.mask_asset] if cfg.mask_asset and name == "sentinel2" else [])]
+    resampling = (
+        cfg.resampling if "resampling" in cfg.model_fields_set else DEFAULT_RESAMPLING[name]
+    )
+    stack = load_stack(
+        items,
+        assets,
+        bounds=bounds,
+        resolution=resolution,
+        resampling=resampling,
+        reader=reader,
+        subdataset=cfg.subdataset,
+        read=read,
+    )
+    groups = day_groups(items)
+    scale, offset = scale_offset(items, assets, name=name, scale=cfg.scale)
+    if name == "sentinel2":
+        kernel, kw = (
+            comp.optical_composite,
+            {
+                "scale": scale,
+                "offset": offset,
+                "mask_band": len(names) if cfg.mask_asset else None,
+                "mask_values": tuple(cfg.mask_values),
+            },
         )
-        groups = day_groups(items)
-        if src.name == "sentinel2":
-            scale, offset = scale_offset(items, assets, name=src.name, scale=cfg.scale)
-            kernel, kw = (
-                comp.optical_composite,
-                {
-                    "scale": scale,
-                    "offset": offset,
-                    "mask_band": len(names) if cfg.mask_asset else None,
-                    "mask_values": tuple(cfg.mask_values),
-                },
-            )
-        else:
-            scale, offset = scale_offset(items, assets, name=src.name, scale=cfg.scale)
-            kernel = comp.radar_composite if src.name == "sentinel1" else comp.median_composite
-            kw = {"scale": scale, "offset": offset}
-        parts.append(
-            stack.data.map_blocks(
-                kernel,
-                groups=groups,
-                **kw,
-                drop_axis=0,
-                chunks=(len(names), ny, nx),
-                dtype=np.float32,
-                meta=np.empty((0, 0, 0), np.float32),
-            )
-        )
-    return da.concatenate(parts, axis=0), bands, kinds, n_items
+    else:
+        kernel = comp.radar_composite if name == "sentinel1" else comp.median_composite
+        kw = {"scale": scale, "offset": offset}
+    return stack.data.map_blocks(
+        kernel,
+        groups=groups,
+        **kw,
+        drop_axis=0,
+        chunks=(len(names), ny, nx),
+        dtype=np.float32,
+        meta=np.empty((0, 0, 0), np.float32),
+    )
