@@ -24,6 +24,7 @@ import pystac
 import xarray as xr
 from pyproj import Transformer
 from rasterio.enums import Resampling
+from urllib3.util.retry import Retry
 
 from popdask import composite as comp
 from popdask.config import Config, ReadConfig, SourceConfig
@@ -78,8 +79,38 @@ class SourceItems:
 # --------------------------------------------------------------------------------------
 # Search
 # --------------------------------------------------------------------------------------
+#: Longest wait a server's ``Retry-After`` may impose on one retry, in seconds (urllib3
+#: would otherwise wait up to 6 h, holding a worker thread).
+RETRY_AFTER_MAX = 120.0
+
+
+def retry_policy(retries: int = 5) -> Retry:
+    """How STAC API requests are retried (GET and POST alike: a search changes nothing).
+
+    HTTP 429, 500, 502, 503, 504 and connection or read errors are retried ``retries``
+    times. urllib3 waits what ``Retry-After`` says on 413/429/503 (at most
+    :data:`RETRY_AFTER_MAX`), else backs off exponentially (0, 1, 2, 4, 8 s ... with up to
+    0.5 s of jitter, so that many tasks throttled at once do not come back together).
+    """
+    return _Retry(
+        total=retries,
+        backoff_factor=0.5,
+        backoff_jitter=0.5,
+        status_forcelist=(429, 500, 502, 503, 504),
+        allowed_methods=None,
+        respect_retry_after_header=True,
+    )
+
+
+class _Retry(Retry):
+    """urllib3's Retry with ``Retry-After`` capped at :data:`RETRY_AFTER_MAX` seconds."""
+
+    def parse_retry_after(self, retry_after: str) -> float:
+        return min(super().parse_retry_after(retry_after), RETRY_AFTER_MAX)
+
+
 def open_catalog(url: str, *, retries: int = 5, timeout: float = 60.0):
-    """Open a STAC API with retries on transient HTTP faults.
+    """Open a STAC API with retries on transient HTTP faults (:func:`retry_policy`).
 
     Raises
     ------
@@ -88,16 +119,11 @@ def open_catalog(url: str, *, retries: int = 5, timeout: float = 60.0):
     """
     from pystac_client import Client
     from pystac_client.stac_api_io import StacApiIO
-    from urllib3.util.retry import Retry
 
-    retry = Retry(
-        total=retries,
-        backoff_factor=0.5,
-        status_forcelist=(429, 500, 502, 503, 504),
-        allowed_methods=None,
-    )
     try:
-        return Client.open(url, stac_io=StacApiIO(max_retries=retry, timeout=timeout))
+        return Client.open(
+            url, stac_io=StacApiIO(max_retries=retry_policy(retries), timeout=timeout)
+        )
     except Exception as e:
         raise SourceError(
             f"cannot open the STAC API at {url} ({type(e).__name__}: {e}); check stac.url "
