@@ -180,10 +180,19 @@ def filter_items(
     return kept, {k: v for k, v in skipped.items() if v}
 
 
+#: The most items the whole-region search (:func:`search_source`) reads; the per-tile
+#: search (:mod:`popdask.catalog`) has no such cap, since a tile's bbox bounds it.
+REGION_MAX_ITEMS = 5000
+
+
 def search_source(
     name: str, cfg: SourceConfig, *, url: str, bbox_lonlat: Sequence[float]
 ) -> SourceItems:
-    """Search one source's collection over the region and filter the items.
+    """Search one source's collection over the whole region and filter the items.
+
+    For small regions (the whole region's items are held on the client; at most
+    :data:`REGION_MAX_ITEMS` are read). Each footprint keeps its ``cfg.max_items`` least
+    cloudy acquisitions, as the per-tile search does (:mod:`popdask.catalog`).
 
     Parameters
     ----------
@@ -211,7 +220,7 @@ def search_source(
             bbox=list(bbox_lonlat),
             datetime=cfg.datetime,
             limit=100,
-            max_items=cfg.max_items * 4,
+            max_items=REGION_MAX_ITEMS,
             **kwargs,
         )
         found = list(search.items())
@@ -224,12 +233,7 @@ def search_source(
     items, skipped = filter_items(
         found, months=cfg.months, max_cloud_cover=cfg.max_cloud_cover, assets=assets
     )
-    if len(items) > cfg.max_items:
-        # Least cloudy first, so the cap keeps the best scenes.
-        items.sort(key=lambda it: it.properties.get("eo:cloud_cover", 0.0))
-        skipped["over_max_items"] = len(items) - cfg.max_items
-        items = items[: cfg.max_items]
-    items.sort(key=lambda it: (it.datetime.isoformat() if it.datetime else "", it.id))
+    items = _per_footprint(items, cfg.max_items, skipped)
     if not found:
         msg = (
             f"sources.{name}: no item in collection {cfg.collection!r} at {url} for "
@@ -246,6 +250,23 @@ def search_source(
         )
     log.info("%s: %d items kept of %d found %s", name, len(items), len(found), skipped or "")
     return SourceItems(name, cfg, items, item_bounds_3035(items), skipped)
+
+
+def _per_footprint(
+    items: list[pystac.Item], max_items: int, skipped: dict[str, int]
+) -> list[pystac.Item]:
+    """The ``max_items`` least cloudy acquisitions of each footprint, in date order
+    (:func:`popdask.catalog.choose_items`); counts the rest in ``skipped``."""
+    from popdask.catalog import choose_items  # catalog builds on this module
+
+    dicts = [it.to_dict(include_self_link=False, transform_hrefs=False) for it in items]
+    choice = choose_items(dicts, max_items)
+    if choice.dropped:
+        skipped["over_max_items"] = choice.dropped
+    keep = {(d.get("collection"), d["id"]) for d in choice.items}
+    out = [it for it in items if (it.collection_id, it.id) in keep]
+    out.sort(key=lambda it: (it.datetime.isoformat() if it.datetime else "", it.id))
+    return out
 
 
 def search_sources(cfg: Config, bbox_lonlat: Sequence[float]) -> list[SourceItems]:
