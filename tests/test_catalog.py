@@ -666,3 +666,21 @@ def test_sources_of_resolves_each_api():
         ("nightlights", "http://b.invalid"),
     ]
 
+
+def test_store_with_records_opens_and_consolidates_quietly(tmp_path):
+    import warnings
+
+    import xarray as xr
+
+    from popdask import store
+
+    path = str(tmp_path / "out.zarr")
+    xr.Dataset({"a": (("y", "x"), np.zeros((2, 2), "f4"))}).to_zarr(
+        path, zarr_format=2, consolidated=False
+    )
+    write_tile_items(path, "N1E1", TileItems("sentinel2", [], 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(store.open_store(path).data_vars) == ["a"]
+        store.consolidate(path)
+    assert load_tile_items(path, "sentinel2", "N1E1").items == []
