@@ -96,6 +96,14 @@ class SourceConfig(_Model):
     ``subdataset`` reads each asset as a GDAL subdataset (``HDF5://path/in/file`` or a path
     with an ``{href}`` placeholder). ``preset`` records the catalog preset this source came
     from (already expanded when the model is built by :func:`config_from_dict`).
+
+    ``max_items`` caps a tile's scenes *per footprint* (per MGRS granule and orbit, or per
+    Sentinel-1 orbit; :func:`popdask.catalog.choose_items`): each footprint that touches a
+    tile keeps its ``max_items`` least cloudy acquisitions, so a tile on a granule edge has
+    scenes of both granules. The default, 24, keeps the tile's stack in memory: a 500 × 500
+    px tile of 12 float32 assets is 12 MB per item, 288 MB per footprint, ~0.6 GB for the
+    usual one or two footprints and ~1.2 GB at a four-footprint corner; 24 clear scenes make
+    a stable median (four summers give 100+ per footprint before the cap).
     """
 
     collection: str
@@ -112,7 +120,7 @@ class SourceConfig(_Model):
     mask_values: list[int] = [0, 1, 3, 8, 9, 10, 11]
     resampling: Literal["nearest", "bilinear", "cubic", "average"] = "nearest"
     scale: float | None = None
-    max_items: int = Field(500, gt=0)
+    max_items: int = Field(24, gt=0)  # per tile and footprint (see above)
 
     @field_validator("months")
     @classmethod

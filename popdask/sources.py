@@ -24,6 +24,7 @@ import pystac
 import xarray as xr
 from pyproj import Transformer
 from rasterio.enums import Resampling
+from urllib3.util.retry import Retry
 
 from popdask import composite as comp
 from popdask.config import Config, ReadConfig, SourceConfig
@@ -78,8 +79,38 @@ class SourceItems:
 # --------------------------------------------------------------------------------------
 # Search
 # --------------------------------------------------------------------------------------
+#: Longest wait a server's ``Retry-After`` may impose on one retry, in seconds (urllib3
+#: would otherwise wait up to 6 h, holding a worker thread).
+RETRY_AFTER_MAX = 120.0
+
+
+def retry_policy(retries: int = 5) -> Retry:
+    """How STAC API requests are retried (GET and POST alike: a search changes nothing).
+
+    HTTP 429, 500, 502, 503, 504 and connection or read errors are retried ``retries``
+    times. urllib3 waits what ``Retry-After`` says on 413/429/503 (at most
+    :data:`RETRY_AFTER_MAX`), else backs off exponentially (0, 1, 2, 4, 8 s ... with up to
+    0.5 s of jitter, so that many tasks throttled at once do not come back together).
+    """
+    return _Retry(
+        total=retries,
+        backoff_factor=0.5,
+        backoff_jitter=0.5,
+        status_forcelist=(429, 500, 502, 503, 504),
+        allowed_methods=None,
+        respect_retry_after_header=True,
+    )
+
+
+class _Retry(Retry):
+    """urllib3's Retry with ``Retry-After`` capped at :data:`RETRY_AFTER_MAX` seconds."""
+
+    def parse_retry_after(self, retry_after: str) -> float:
+        return min(super().parse_retry_after(retry_after), RETRY_AFTER_MAX)
+
+
 def open_catalog(url: str, *, retries: int = 5, timeout: float = 60.0):
-    """Open a STAC API with retries on transient HTTP faults.
+    """Open a STAC API with retries on transient HTTP faults (:func:`retry_policy`).
 
     Raises
     ------
@@ -88,16 +119,11 @@ def open_catalog(url: str, *, retries: int = 5, timeout: float = 60.0):
     """
     from pystac_client import Client
     from pystac_client.stac_api_io import StacApiIO
-    from urllib3.util.retry import Retry
 
-    retry = Retry(
-        total=retries,
-        backoff_factor=0.5,
-        status_forcelist=(429, 500, 502, 503, 504),
-        allowed_methods=None,
-    )
     try:
-        return Client.open(url, stac_io=StacApiIO(max_retries=retry, timeout=timeout))
+        return Client.open(
+            url, stac_io=StacApiIO(max_retries=retry_policy(retries), timeout=timeout)
+        )
     except Exception as e:
         raise SourceError(
             f"cannot open the STAC API at {url} ({type(e).__name__}: {e}); check stac.url "
@@ -154,10 +180,19 @@ def filter_items(
     return kept, {k: v for k, v in skipped.items() if v}
 
 
+#: The most items the whole-region search (:func:`search_source`) reads; the per-tile
+#: search (:mod:`popdask.catalog`) has no such cap, since a tile's bbox bounds it.
+REGION_MAX_ITEMS = 5000
+
+
 def search_source(
     name: str, cfg: SourceConfig, *, url: str, bbox_lonlat: Sequence[float]
 ) -> SourceItems:
-    """Search one source's collection over the region and filter the items.
+    """Search one source's collection over the whole region and filter the items.
+
+    For small regions (the whole region's items are held on the client; at most
+    :data:`REGION_MAX_ITEMS` are read). Each footprint keeps its ``cfg.max_items`` least
+    cloudy acquisitions, as the per-tile search does (:mod:`popdask.catalog`).
 
     Parameters
     ----------
@@ -185,7 +220,7 @@ def search_source(
             bbox=list(bbox_lonlat),
             datetime=cfg.datetime,
             limit=100,
-            max_items=cfg.max_items * 4,
+            max_items=REGION_MAX_ITEMS,
             **kwargs,
         )
         found = list(search.items())
@@ -198,12 +233,7 @@ def search_source(
     items, skipped = filter_items(
         found, months=cfg.months, max_cloud_cover=cfg.max_cloud_cover, assets=assets
     )
-    if len(items) > cfg.max_items:
-        # Least cloudy first, so the cap keeps the best scenes.
-        items.sort(key=lambda it: it.properties.get("eo:cloud_cover", 0.0))
-        skipped["over_max_items"] = len(items) - cfg.max_items
-        items = items[: cfg.max_items]
-    items.sort(key=lambda it: (it.datetime.isoformat() if it.datetime else "", it.id))
+    items = _per_footprint(items, cfg.max_items, skipped)
     if not found:
         msg = (
             f"sources.{name}: no item in collection {cfg.collection!r} at {url} for "
@@ -220,6 +250,23 @@ def search_source(
         )
     log.info("%s: %d items kept of %d found %s", name, len(items), len(found), skipped or "")
     return SourceItems(name, cfg, items, item_bounds_3035(items), skipped)
+
+
+def _per_footprint(
+    items: list[pystac.Item], max_items: int, skipped: dict[str, int]
+) -> list[pystac.Item]:
+    """The ``max_items`` least cloudy acquisitions of each footprint, in date order
+    (:func:`popdask.catalog.choose_items`); counts the rest in ``skipped``."""
+    from popdask.catalog import choose_items  # catalog builds on this module
+
+    dicts = [it.to_dict(include_self_link=False, transform_hrefs=False) for it in items]
+    choice = choose_items(dicts, max_items)
+    if choice.dropped:
+        skipped["over_max_items"] = choice.dropped
+    keep = {(d.get("collection"), d["id"]) for d in choice.items}
+    out = [it for it in items if (it.collection_id, it.id) in keep]
+    out.sort(key=lambda it: (it.datetime.isoformat() if it.datetime else "", it.id))
+    return out
 
 
 def search_sources(cfg: Config, bbox_lonlat: Sequence[float]) -> list[SourceItems]:
@@ -459,15 +506,35 @@ def tile_composite(
     sign: str | None = None,
     read: ReadConfig | None = None,
 ) -> tuple[da.Array, list[str], list[str], dict[str, int]]:
-    """Lazy composite of one tile from all sources.
+    """Lazy composite of one tile from the region's items of all sources.
 
-    Hrefs are not signed here: with ``sign`` (or a source's own ``sign``) the reader signs
-    each href inside its read task, so tokens never expire between graph and read.
+    Each source contributes the items whose footprint intersects ``bounds``
+    (:meth:`SourceItems.for_bounds`); see :func:`items_composite` for the rest.
+    """
+    parts = [(src.name, src.config, src.for_bounds(bounds)) for src in sources]
+    return items_composite(parts, bounds, resolution=resolution, sign=sign, read=read)
+
+
+def items_composite(
+    parts: Sequence[tuple[str, SourceConfig, Sequence[pystac.Item]]],
+    bounds: Sequence[float],
+    *,
+    resolution: float,
+    sign: str | None = None,
+    read: ReadConfig | None = None,
+) -> tuple[da.Array, list[str], list[str], dict[str, int]]:
+    """Lazy composite of one tile from each source's own items.
+
+    ``parts`` holds ``(name, config, items)`` per source, in band order; the items are the
+    tile's (searched per tile, :mod:`popdask.catalog`, or cut from a region's search). A
+    source without items gives NaN bands. Hrefs are not signed here: with ``sign`` (or a
+    source's own ``sign``) the reader signs each href inside its read task, so tokens never
+    expire between graph and read.
 
     Returns
     -------
     data
-        ``(band, y, x)`` float32 dask array, one chunk.
+        ``(band, y, x)`` float32 dask array, one chunk; no pixel is read until compute.
     bands, kinds
         Band names and their kind (reflectance / backscatter_db / radiance).
     n_items
@@ -475,58 +542,71 @@ def tile_composite(
     """
     nx = round((bounds[2] - bounds[0]) / resolution)
     ny = round((bounds[3] - bounds[1]) / resolution)
-    parts, bands, kinds, n_items = [], [], [], {}
-    for src in sources:
-        cfg = src.config
-        items = src.for_bounds(bounds)
-        n_items[src.name] = len(items)
-        names = src.bands
-        keys = list(cfg.assets)
+    out, bands, kinds, n_items = [], [], [], {}
+    for name, cfg, items in parts:
+        n_items[name] = len(items)
+        names = cfg.bands
         bands += names
-        kinds += [src.role] * len(names)
+        kinds += [ROLES[name]] * len(names)
         if not items:
-            parts.append(da.full((len(names), ny, nx), np.nan, dtype=np.float32, chunks=-1))
+            out.append(da.full((len(names), ny, nx), np.nan, dtype=np.float32, chunks=-1))
             continue
-        reader = _reader(cfg.sign or sign, src.name)
-        assets = [*keys, *([cfg.mask_asset] if cfg.mask_asset and src.name == "sentinel2" else [])]
-        resampling = (
-            cfg.resampling if "resampling" in cfg.model_fields_set else DEFAULT_RESAMPLING[src.name]
+        out.append(
+            _source_composite(name, cfg, items, bounds, resolution=resolution, sign=sign, read=read)
         )
-        stack = load_stack(
-            items,
-            assets,
-            bounds=bounds,
-            resolution=resolution,
-            resampling=resampling,
-            reader=reader,
-            subdataset=cfg.subdataset,
-            read=read,
+    return da.concatenate(out, axis=0), bands, kinds, n_items
+
+
+def _source_composite(
+    name: str,
+    cfg: SourceConfig,
+    items: Sequence[pystac.Item],
+    bounds: Sequence[float],
+    *,
+    resolution: float,
+    sign: str | None,
+    read: ReadConfig | None,
+) -> da.Array:
+    """Lazy ``(band, y, x)`` composite of one source's items (at least one) on ``bounds``."""
+    nx = round((bounds[2] - bounds[0]) / resolution)
+    ny = round((bounds[3] - bounds[1]) / resolution)
+    names = cfg.bands
+    reader = _reader(cfg.sign or sign, name)
+    assets = [*cfg.assets, *([cfg.mask_asset] if cfg.mask_asset and name == "sentinel2" else [])]
+    resampling = (
+        cfg.resampling if "resampling" in cfg.model_fields_set else DEFAULT_RESAMPLING[name]
+    )
+    stack = load_stack(
+        items,
+        assets,
+        bounds=bounds,
+        resolution=resolution,
+        resampling=resampling,
+        reader=reader,
+        subdataset=cfg.subdataset,
+        read=read,
+    )
+    groups = day_groups(items)
+    scale, offset = scale_offset(items, assets, name=name, scale=cfg.scale)
+    if name == "sentinel2":
+        kernel, kw = (
+            comp.optical_composite,
+            {
+                "scale": scale,
+                "offset": offset,
+                "mask_band": len(names) if cfg.mask_asset else None,
+                "mask_values": tuple(cfg.mask_values),
+            },
         )
-        groups = day_groups(items)
-        if src.name == "sentinel2":
-            scale, offset = scale_offset(items, assets, name=src.name, scale=cfg.scale)
-            kernel, kw = (
-                comp.optical_composite,
-                {
-                    "scale": scale,
-                    "offset": offset,
-                    "mask_band": len(names) if cfg.mask_asset else None,
-                    "mask_values": tuple(cfg.mask_values),
-                },
-            )
-        else:
-            scale, offset = scale_offset(items, assets, name=src.name, scale=cfg.scale)
-            kernel = comp.radar_composite if src.name == "sentinel1" else comp.median_composite
-            kw = {"scale": scale, "offset": offset}
-        parts.append(
-            stack.data.map_blocks(
-                kernel,
-                groups=groups,
-                **kw,
-                drop_axis=0,
-                chunks=(len(names), ny, nx),
-                dtype=np.float32,
-                meta=np.empty((0, 0, 0), np.float32),
-            )
-        )
-    return da.concatenate(parts, axis=0), bands, kinds, n_items
+    else:
+        kernel = comp.radar_composite if name == "sentinel1" else comp.median_composite
+        kw = {"scale": scale, "offset": offset}
+    return stack.data.map_blocks(
+        kernel,
+        groups=groups,
+        **kw,
+        drop_axis=0,
+        chunks=(len(names), ny, nx),
+        dtype=np.float32,
+        meta=np.empty((0, 0, 0), np.float32),
+    )

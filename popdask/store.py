@@ -59,6 +59,11 @@ class StoreError(RuntimeError):
     """The output store cannot be used for this run; the message names the fix."""
 
 
+#: What zarr says of the folder of per-tile item records (``popdask.catalog``), which is
+#: not a Zarr group on purpose: listing the store never descends into its files.
+NOT_ZARR = "Object at catalog is not recognized as a component of a Zarr hierarchy"
+
+
 def _is_url(path: str) -> bool:
     return "://" in str(path)
 
@@ -278,6 +283,7 @@ def open_store(path: str, storage_options=None) -> xr.Dataset:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
         warnings.filterwarnings("ignore", category=RuntimeWarning, message=".*consolidated.*")
+        warnings.filterwarnings("ignore", message=NOT_ZARR)
         return xr.open_zarr(path, storage_options=_so(path, storage_options), consolidated=False)
 
 
@@ -540,6 +546,7 @@ def consolidate(path: str, storage_options=None) -> None:
     """Consolidate metadata once the run is finished (for fast opening)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        warnings.filterwarnings("ignore", message=NOT_ZARR)
         zarr.consolidate_metadata(_zarr_store(path, storage_options))
 
 
