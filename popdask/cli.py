@@ -1,4 +1,4 @@
-"""The ``popdask`` command: ``demo``, ``run``, ``status``, ``evaluate``."""
+"""The ``popdask`` command: ``demo``, ``run``, ``plan``, ``status``, ``evaluate``."""
 
 from __future__ import annotations
 
@@ -55,6 +55,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from popdask.config import load_config
+    from popdask.plan import format_plan, plan
+    from popdask.sources import SourceError
+
+    cfg = load_config(args.config, args.set)
+    try:
+        p = plan(cfg, sample=args.sample or None)
+    except SourceError as e:
+        print(f"popdask plan: {e}", file=sys.stderr)
+        return 2
+    print(format_plan(p, cfg))
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -71,7 +86,38 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{census['cells_known']} known, {census['cells_absent_zero']} zero by absence, "
             f"{census['cells_unknown']} unknown"
         )
+    _print_scenes(args.store, json.loads(args.storage_options))
     return 0 if np.all(status == store.COMPLETE) else 3
+
+
+def _print_scenes(path: str, so: dict, named: int = 10) -> None:
+    """The Sentinel-2 scenes per composited tile, and the tiles that had none usable."""
+    import numpy as np
+
+    from popdask import store
+    from popdask.grid import Grid
+
+    try:
+        scenes = store.tile_scenes(path, so)
+    except KeyError:  # a store written before the scenes were counted
+        return
+    done = scenes[scenes >= 0]
+    if not done.size:
+        return
+    print(
+        f"  Sentinel-2 scenes per composited tile: min {done.min()}, median "
+        f"{int(np.median(done))}, max {done.max()} ({done.size} tiles)"
+    )
+    empty = np.argwhere(scenes == 0)
+    if len(empty):
+        g = store.root_attrs(path, so)["popdask"]["grid"]
+        grid = Grid(tuple(g["bounds"]), resolution=g["resolution"], cell=g["cell"], tile=g["tile"])
+        ids = [grid.find_tile((int(r), int(c))).id for r, c in empty[:named]]
+        more = f" and {len(empty) - named} more" if len(empty) > named else ""
+        print(
+            f"  {len(empty)} tiles without a usable scene (their people are the census spread "
+            f"evenly over their cells): {', '.join(ids)}{more}"
+        )
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -183,6 +229,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to write metrics.json and quicklook.png (default: beside the store)",
     )
     r.set_defaults(func=cmd_run)
+
+    pl = sub.add_parser(
+        "plan", help="tiles, items, bytes, core-hours and store size of a run, reading no pixel"
+    )
+    pl.add_argument("config", help="run configuration (YAML)")
+    pl.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a configuration key, e.g. region.bbox=[...]",
+    )
+    pl.add_argument(
+        "--sample",
+        type=int,
+        default=200,
+        help="search this many tiles, evenly spread, and extrapolate (0: every tile; default: 200)",
+    )
+    pl.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("status", help="tiles done / missing / failed in a store")
     s.add_argument("store", help="path or URL of the output Zarr store")

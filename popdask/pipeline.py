@@ -31,7 +31,7 @@ import dask
 import numpy as np
 from distributed import Client
 
-from popdask import __version__, regression, store, tasks, terms
+from popdask import __version__, catalog, regression, store, tasks, terms
 from popdask.census import census_from_config
 from popdask.config import Config
 from popdask.grid import Grid, Tile
@@ -46,7 +46,7 @@ from popdask.reductions import (
     sum_totals,
 )
 from popdask.scheduler import WindowStats, map_tiles
-from popdask.sources import SourceItems, region_lonlat, search_sources, tile_composite
+from popdask.sources import ROLES, SourceError, region_lonlat
 
 log = logging.getLogger(__name__)
 
@@ -208,27 +208,77 @@ def _sample_seed(cfg: Config, index: int) -> int:
 
 
 def composite_pass(
-    client: Client, cfg: Config, grid: Grid, sources: Sequence[SourceItems], *, progress: bool
+    client: Client,
+    cfg: Config,
+    grid: Grid,
+    sources: Sequence[catalog.Source],
+    *,
+    progress: bool,
 ) -> list[str]:
-    """Composite every tile; each task also draws the tile's share of the fit's sample."""
+    """Composite every tile from its own items; each task also draws the tile's share of
+    the fit's sample. Tiles with no usable Sentinel-2 scene are named in a warning."""
     path, so = cfg.output.store, dict(cfg.output.storage_options)
     tiles = grid.tiles()
     index = {t.id: i for i, t in enumerate(tiles)}
     shares = _sample_shares(cfg, grid)
-    n_bands = sum(len(s.bands) for s in sources)
+    n_bands = sum(len(s.config.bands) for s in sources)
     sample_attrs = {"sample_pixels": cfg.model.sample_pixels, "seed": cfg.model.seed}
     store.create_sample(path, len(tiles), max(shares.values()), n_bands, sample_attrs, so)
+    kw = {"resolution": grid.resolution, "sign": cfg.stac.sign, "read": cfg.read}
+    counts = _CatalogCounts()
 
     def build(t: Tile):
-        data, _, _, _ = tile_composite(
-            sources, t.bounds, resolution=grid.resolution, sign=cfg.stac.sign, read=cfg.read
-        )
-        i = index[t.id]  # one consumer of the tile's composite: it is computed once
-        return tasks.write_composite, (i, data, shares[t.id], _sample_seed(cfg, i)), {}
+        i = index[t.id]
+        seed = _sample_seed(cfg, i)
+        return tasks.composite_tile, (sources,), {"index": i, "n": shares[t.id], "seed": seed, **kw}
 
-    return _tile_pass(
-        client, cfg, grid, build, done_code=store.COMPOSITED, desc="composite", progress=progress
+    done = _tile_pass(
+        client,
+        cfg,
+        grid,
+        build,
+        done_code=store.COMPOSITED,
+        desc="composite",
+        progress=progress,
+        reduce=counts.add,
     )
+    counts.report()
+    return done
+
+
+class _CatalogCounts:
+    """What the composite tasks found, summed over tiles (tiles without a usable
+    Sentinel-2 scene each get a warning; ``tile_scenes`` in the store has them all)."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, dict[str, int]] = {}
+        self.no_scene = 0
+
+    def add(self, tile: Tile, summary: dict[str, Any]) -> None:
+        for name, c in summary["sources"].items():
+            mine = self.items.setdefault(name, {"found": 0, "kept": 0, "tiles_without": 0})
+            mine["found"] += c["found"]
+            mine["kept"] += c["kept"]
+            mine["tiles_without"] += c["kept"] == 0
+        if summary["no_usable_scene"]:
+            self.no_scene += 1
+            log.warning(
+                "composite: tile %s has no usable Sentinel-2 scene; its people will be the "
+                "census spread evenly over its cells",
+                tile.id,
+            )
+
+    def report(self) -> None:
+        if self.no_scene:
+            log.warning("composite: %d tiles without a usable Sentinel-2 scene", self.no_scene)
+        for name, c in self.items.items():
+            log.info(
+                "composite: %s: %d items used of %d found; %d tiles without any",
+                name,
+                c["kept"],
+                c["found"],
+                c["tiles_without"],
+            )
 
 
 # --------------------------------------------------------------------------------------
@@ -652,6 +702,19 @@ def truth_metrics(pop: np.ndarray, truth: np.ndarray) -> dict[str, float]:
 # --------------------------------------------------------------------------------------
 # The whole run
 # --------------------------------------------------------------------------------------
+def probe_sources(sources: Sequence[catalog.Source], bbox_lonlat: Sequence[float]) -> None:
+    """One bounded request per source before any tile runs: a Sentinel-2 source without an
+    item over the region fails the run with one line; another source is left out of the
+    tiles' composites (their bands are NaN) with a warning."""
+    for src in sources:
+        try:
+            catalog.probe_source(src.name, src.config, url=src.url, bbox_lonlat=bbox_lonlat)
+        except SourceError as e:
+            if src.name == "sentinel2":
+                raise
+            log.warning("%s; its bands will be NaN", e)
+
+
 def run(
     cfg: Config,
     *,
@@ -693,9 +756,10 @@ def run(
     path, so = cfg.output.store, cfg.output.storage_options
     log.info("grid: %s, %d×%d px, %d tiles", grid.bounds, *grid.shape, len(grid.tiles()))
     census = census_from_config(cfg.census, grid)
-    sources = search_sources(cfg, region_lonlat(grid))
-    bands = [b for s in sources for b in s.bands]
-    kinds = [s.role for s in sources for _ in s.bands]
+    sources = catalog.sources_of(cfg)
+    probe_sources(sources, region_lonlat(grid))
+    bands = [b for s in sources for b in s.config.bands]
+    kinds = [ROLES[s.name] for s in sources for _ in s.config.bands]
     created = store.create(
         path,
         grid,
@@ -710,8 +774,6 @@ def run(
     store.update_attrs(
         path,
         {
-            "stac_items": {s.name: [it.id for it in s.items] for s in sources},
-            "stac_skipped": {s.name: s.skipped for s in sources},
             "census_known_cells": int(np.isfinite(census.values).sum()),
         },
         so,

@@ -34,6 +34,7 @@ from popdask.chunkio import ChunkArray, put, resolve, write_array
 from popdask.grid import CRS, Grid, Tile
 
 MISSING, COMPOSITED, LABELLED, COMPLETE, FAILED = 0, 1, 2, 3, -1
+TILE_SCENES = "tile_scenes"
 STATUS_NAMES = {
     MISSING: "missing",
     COMPOSITED: "composite",
@@ -176,6 +177,14 @@ def template(grid: Grid, bands: list[str], kinds: list[str], census: xr.DataArra
                     "flag_meanings": " ".join(STATUS_NAMES.values()),
                 },
             ),
+            TILE_SCENES: (
+                ("tile_row", "tile_col"),
+                da.full((rows, cols), -1, np.int16, chunks=1),
+                {
+                    "long_name": "Sentinel-2 scenes each tile composited (0: none usable, "
+                    "its people are the census spread over its cells; -1: not composited)",
+                },
+            ),
         },
         coords={
             **grid.coords(),
@@ -190,7 +199,7 @@ def template(grid: Grid, bands: list[str], kinds: list[str], census: xr.DataArra
     ds = ds.rio.write_crs(CRS)
     wkt = ds.spatial_ref.attrs["crs_wkt"]
     for name in ds.data_vars:
-        if name == "tile_status":
+        if name in ("tile_status", TILE_SCENES):
             ds[name].encoding.pop("grid_mapping", None)
             continue
         ds[name].encoding["coordinates"] = "spatial_ref"
@@ -242,6 +251,8 @@ def create(
         "cluster": {"compressors": [FAST_CODEC]},
         **{v: {"compressors": [FAST_CODEC]} for v in ("population", "density")},
         "composite": {"compressors": [SMALL_CODEC]},
+        # unwritten: not composited yet (read as NaN by xarray, -1 by popdask)
+        TILE_SCENES: {"_FillValue": -1},
         # one chunk per tile, so a tile task reads its own cells only
         "census": {"chunks": (grid.tile // grid.cell,) * 2},
     }
@@ -290,6 +301,16 @@ def open_store(path: str, storage_options=None) -> xr.Dataset:
 def tile_status(path: str, storage_options=None) -> np.ndarray:
     """``(tile_row, tile_col)`` status codes (one chunk per tile, fetched together)."""
     return ChunkArray(path, "tile_status", storage_options).read((slice(None), slice(None)))
+
+
+def tile_scenes(path: str, storage_options=None) -> np.ndarray:
+    """``(tile_row, tile_col)`` Sentinel-2 scenes composited per tile (-1 not yet)."""
+    return ChunkArray(path, TILE_SCENES, storage_options).read((slice(None), slice(None)))
+
+
+def set_scenes(path: str, tile: Tile, n: int, storage_options=None) -> None:
+    """Record that ``tile`` composited ``n`` Sentinel-2 scenes (its own chunk)."""
+    ChunkArray(path, TILE_SCENES, storage_options).write((tile.row, tile.col), n)
 
 
 def set_status(path: str, tiles: list[Tile], code: int, storage_options=None) -> None:

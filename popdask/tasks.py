@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from popdask import regression, store, terms
+from popdask import catalog, regression, store, terms
 from popdask.cluster import release_memory
+from popdask.config import ReadConfig
 from popdask.grid import Tile
 from popdask.model import PixelModel, sample_tile
 from popdask.predict import predict_window
@@ -52,17 +53,42 @@ class CellPick:
 # --------------------------------------------------------------------------------------
 # Composite
 # --------------------------------------------------------------------------------------
-def write_composite(
-    path: str, so: dict, tile: Tile, index: int, data: np.ndarray, n: int, seed: int
-) -> None:
-    """One task's end: write the tile's composite and its share of the fit's sample."""
+def composite_tile(
+    path: str,
+    so: dict,
+    tile: Tile,
+    sources: Sequence[catalog.Source],
+    *,
+    index: int,
+    n: int,
+    seed: int,
+    resolution: float,
+    sign: str | None = None,
+    read: ReadConfig | None = None,
+) -> dict[str, Any]:
+    """The tile's own items (recorded in the store, or searched and recorded), its
+    composite and its share of the fit's sample, written; returns the catalog's counts
+    (:func:`popdask.catalog.composite_tile`)."""
+    data, summary = catalog.composite_tile(
+        sources,
+        tile.bounds,
+        tile_id=tile.id,
+        resolution=resolution,
+        path=path,
+        storage_options=so,
+        sign=sign,
+        read=read,
+    )
     store.write_arrays(path, tile, {"composite": data}, so)
     store.write_sample(path, index, sample_tile(data, n, seed), so)
+    s2 = summary["sources"].get("sentinel2", {})
+    store.set_scenes(path, tile, 0 if summary["no_usable_scene"] else s2.get("kept", 0), so)
     # the largest task of a run: what it freed goes back to the system, so that a worker's
     # memory does not creep from tile to tile (the label and predict tasks, a third of its
     # size and short, keep theirs: trimming after each costs them ~15 %)
     del data
     release_memory()
+    return summary
 
 
 # --------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from popdask import cli, store
+from popdask import catalog, cli, store
 from popdask.config import load_config
 from popdask.model import PixelModel
 from popdask.pipeline import run
@@ -53,7 +53,9 @@ def test_store_follows_the_contract(finished):
     assert ds.terms.attrs["terms"] == ["intensity", "context"]
     assert np.isfinite(ds.terms.values).all() and (ds.terms.values >= 0).all()
     assert ds.y.values[0] == 3216000 - 10 and ds.x.values[0] == 4321000 + 10
-    assert len(ds.attrs["stac_items"]["sentinel2"]) > 0
+    for t in load_config(finished).make_grid().tiles():  # each tile's own items, recorded
+        rec = catalog.load_tile_items(str(finished.parent / "out.zarr"), "sentinel2", t.id)
+        assert rec.kept > 0 and ds.tile_scenes.sel(tile_row=t.row, tile_col=t.col) == rec.kept
     assert ds.attrs["config"]["model"]["clusters"] == 20
     assert {"r2_1km_in_sample", "r2_1km_cv", "mae_1km_cv"} <= set(ds.attrs["metrics"])
     assert (ds.tile_status.values == store.COMPLETE).all()
@@ -298,3 +300,66 @@ def test_more_tiles_than_the_window_run_through_every_pass(finished, dask_cluste
     assert m["population_total"] == pytest.approx(pop.sum(), rel=1e-6)
     assert m["census_total_known"] == pytest.approx(census[known].sum(), rel=1e-6)
     assert m["cells_used"] <= known.sum() and "r2_1km_cv" in m
+
+
+def test_a_tile_without_a_usable_scene_is_recorded_and_gets_the_census(
+    demo_region, dask_cluster, tmp_path, caplog, capsys
+):
+    """Sentinel-2 items whose footprints cover only the region's western tiles: the eastern
+    tiles are recorded with 0 scenes (not as done with NaNs), named in a warning and by
+    ``popdask status``, and their people are their cells' census spread evenly."""
+    import logging
+
+    from conftest import write_config
+    from distributed import Client
+    from pyproj import Transformer
+
+    from popdask.stac_server import StacServer
+
+    west = Transformer.from_crs(3035, 4326, always_xy=True).transform_bounds(
+        4321000, 3210000, 4323000, 3216000
+    )
+    ring = [[west[0], west[1]], [west[2], west[1]], [west[2], west[3]], [west[0], west[3]]]
+    items = []
+    for line in demo_region.items["sentinel-2-l2a"].read_text().splitlines():
+        it = json.loads(line)
+        it["bbox"], it["geometry"] = (
+            list(west),
+            {"type": "Polygon", "coordinates": [ring + ring[:1]]},
+        )
+        items.append(json.dumps(it))
+    s2 = tmp_path / "s2-west.ndjson"
+    s2.write_text("\n".join(items) + "\n")
+    served = {**demo_region.items, "sentinel-2-l2a": s2}
+    with StacServer(
+        list(demo_region.collections.values()), list(served.values()), cwd=demo_region.root
+    ) as api:
+        cfg_path = write_config(
+            tmp_path, url=api.url, census=demo_region.census, address=dask_cluster
+        )
+        cfg = load_config(cfg_path)
+        with Client(dask_cluster) as client, caplog.at_level(logging.WARNING, "popdask"):
+            run(cfg, client=client, progress=False, report_dir=tmp_path)
+    grid = cfg.make_grid()
+    ds = xr.open_zarr(cfg.output.path)
+    east = [t for t in grid.tiles() if t.bounds[0] >= 4324000]
+    assert east and len(east) < len(grid.tiles())
+    for t in grid.tiles():
+        n = int(ds.tile_scenes.values[t.row, t.col])
+        assert (n == 0) == (t in east), (t.id, n)
+        assert (t.id in caplog.text) == (t in east)
+    assert (ds.tile_status.values == store.COMPLETE).all()
+    for t in east:
+        assert np.isnan(ds.composite.values[:, t.ys, t.xs]).all()
+        assert (ds.cluster.values[t.ys, t.xs] == -1).all()
+        pop = ds.population.values[t.ys, t.xs].astype(np.float64)
+        census = ds.census.values[t.ys_cell, t.xs_cell].astype(np.float64)
+        cells = pop.reshape(census.shape[0], 50, census.shape[1], 50)
+        known = np.isfinite(census)
+        np.testing.assert_allclose(cells.sum(axis=(1, 3))[known], census[known], rtol=1e-5)
+        spread = cells.max(axis=(1, 3)) - cells.min(axis=(1, 3))
+        assert (spread[known] < 1e-5).all()  # evenly over each cell's pixels
+    assert cli.main(["status", cfg.output.path]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(east)} tiles without a usable scene" in out
+    assert all(t.id in out for t in east)

@@ -71,7 +71,10 @@ def test_killed_run_restarts_to_the_same_store(
     # (nothing is lost), so the store is read once the cluster has let go of them
     with Client(dask_cluster) as client:
         deadline = time.monotonic() + 60
-        while any(client.processing().values()) and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            running = client.run(lambda dask_worker: len(dask_worker.state.executing))
+            if not any(client.processing().values()) and not any(running.values()):
+                break
             time.sleep(0.1)
     before = store.tile_status(cfg.output.store)
     assert not (before == store.COMPLETE).all(), "killed too late: the run had finished"
