@@ -387,23 +387,24 @@ def context_rows(
     client: Client,
     cfg: Config,
     grid: Grid,
-    pilot: np.ndarray,
+    pilots: np.ndarray,
     sigma_px: float,
     k: int,
     layer: int,
     pick: tasks.CellPick,
 ) -> CellRows:
-    """The picked cells' raw context-weighted fractions and the largest context value (each
-    tile read with the halo its context needs); each tile's context is stored as layer
-    ``layer`` of ``terms`` for the predict pass."""
+    """The picked cells' raw context-weighted fractions and the largest context value of
+    each of the ``pilots`` densities (``(n, k)``; each tile read once, with the halo its
+    context needs): see :func:`popdask.tasks.context_tile`. Each tile's context of the first
+    pilot is stored as layer ``layer`` of ``terms`` for the predict pass."""
     path, so = cfg.output.store, dict(cfg.output.storage_options)
     halo = terms.context_halo(sigma_px)
-    pilot = np.asarray(pilot, np.float64)
+    pilots = np.atleast_2d(np.asarray(pilots, np.float64))
 
     def task(t: Tile):
         ys, xs = grid.expand(t, halo)
         return dask.delayed(tasks.context_tile, pure=True)(
-            path, so, t, ys, xs, pilot, sigma_px, k, grid.cell_px, layer, pick
+            path, so, t, ys, xs, pilots, sigma_px, k, grid.cell_px, layer, pick
         )
 
     return concat_rows(v for _, v in _gather(client, cfg, grid.tiles(), task))
@@ -472,37 +473,46 @@ def density_fit(
     t0 = time.perf_counter()
     cv_s = 0.0
 
-    def cross_validate(x):
+    def cross_validate(x) -> regression.CVResult:
         nonlocal cv_s
         t = time.perf_counter()
-        res = regression.cross_validate(x, pop, groups, n_splits=n_splits).scores
+        res = regression.cross_validate(x, pop, groups, n_splits=n_splits)
         cv_s += time.perf_counter() - t
         return res
 
-    pilot, scale, X = regression.fit_densities(F, pop, groups), None, F
-    cv = cross_validate(F) if n_groups >= 2 else None
-    cv_plain = cv
+    def design(context: str = "context") -> tuple[np.ndarray, np.ndarray]:
+        """The fractions and each term's weighted fractions, scaled by its largest value
+        (``context`` names the context column: the final pilot's, or a fold's)."""
+        keys = [context if n == "context" else n for n in names]
+        scale = np.array([t if t > 0 else 1.0 for t in (rows.tops.get(k, 0.0) for k in keys)])
+        W = [rows.columns[k] / np.float32(s) for k, s in zip(keys, scale, strict=True)]
+        return np.hstack([F, *(w.astype(np.float64) for w in W)]), scale
+
+    pilot, scale, X, with_terms = regression.fit_densities(F, pop, groups), None, F, None
+    plain = cross_validate(F) if n_groups >= 2 else None
+    cv = cv_plain = None if plain is None else plain.scores
     if names and cv is None:
         log.info("regression: one spatial group only, the terms cannot be checked; fitting none")
         names = []
     if names:
-        columns, tops = [], []
-        for name in names:  # each term's raw weighted fractions and its largest value
-            if name == "context":
-                ctx = context_rows(
-                    client, cfg, grid, pilot, sigma_px, k, names.index("context"), pick
-                )
-                if not np.array_equal(ctx.index, rows.index):
-                    raise PipelineError("the context pass picked other cells than the label pass")
-                rows.columns["context"] = ctx.columns["context"]
-                rows.tops["context"] = ctx.tops["context"]
-            columns.append(rows.columns[name])
-            tops.append(rows.tops.get(name, 0.0))
-        scale = np.array([t if t > 0 else 1.0 for t in tops])
-        W = [c / np.float32(s) for c, s in zip(columns, scale, strict=True)]
-        X_terms = np.hstack([F, *(w.astype(np.float64) for w in W)])
-        del columns, W
-        cv_terms = cross_validate(X_terms)
+        folds = design
+        if "context" in names:
+            # the final pilot's context, and each fold's from the pilot fitted without it,
+            # so that the cross-validation below never sees its held-out cells
+            pilots = np.vstack([pilot, plain.densities])
+            layer = names.index("context")  # the order of the stored layers
+            ctx = context_rows(client, cfg, grid, pilots, sigma_px, k, layer, pick)
+            if not np.array_equal(ctx.index, rows.index):
+                raise PipelineError("the context pass picked other cells than the label pass")
+            rows.columns.update(ctx.columns)
+            rows.tops.update(ctx.tops)
+
+            def folds(f: int) -> np.ndarray:
+                return design(f"context_{f + 1}")[0]
+
+        X_terms, scale = design()
+        with_terms = cross_validate(folds if "context" in names else X_terms)
+        cv_terms = with_terms.scores
         # kept only where the protocol shows a gain: out-of-fold MAE at 1 km not worse
         if cv_terms["mae"] <= cv["mae"]:
             X, cv = X_terms, cv_terms
@@ -554,6 +564,12 @@ def density_fit(
         "cross_validated_without_terms": cv_plain,
         "cells_used": int(usable.sum()),
         "cell_share": pick.share,
+        # the rows' cross-validation folds and out-of-fold counts, without and with terms
+        "out_of_fold": {
+            "fold": None if plain is None else plain.fold,
+            "plain": None if plain is None else plain.predicted,
+            "terms": None if with_terms is None else with_terms.predicted,
+        },
         "seconds": {"fit": fit_s, "cv": cv_s},
         "group": {"arrays": arrays, "attrs": attrs},  # what `save_fit` writes
     }

@@ -936,7 +936,11 @@ def cross_validate(fractions, population, groups, *, n_splits: int = 5, **option
 
     Parameters
     ----------
-    fractions, population : array_like
+    fractions : array_like, or a callable
+        As in `fit_densities`; or ``fractions(f)`` giving fold ``f``'s design (made when the
+        fold comes, so one is held at a time), when a column depends on a fit that must not
+        see the fold's held-out cells (the context term's pilot densities).
+    population : array_like
         As in `fit_densities`.
     groups : array_like, shape (n_cells,)
         Spatial group per cell (e.g. 5 km block); a group never spans two folds.
@@ -950,7 +954,8 @@ def cross_validate(fractions, population, groups, *, n_splits: int = 5, **option
     """
     if groups is None:
         raise ValueError("cross_validate needs groups (spatial blocks) so no block is split")
-    x, y, g, known = _known(fractions, population, groups)
+    per_fold = callable(fractions)
+    x, y, g, known = _known(fractions(0) if per_fold else fractions, population, groups)
     n_groups = len(np.unique(g))
     if n_splits < 2 or n_groups < n_splits:
         raise ValueError(
@@ -963,8 +968,9 @@ def cross_validate(fractions, population, groups, *, n_splits: int = 5, **option
     fold_k = np.full(len(y), -1, dtype=np.int64)
     dens = np.empty((n_splits, x.shape[1]))
     for f, (train, test) in enumerate(GroupKFold(n_splits).split(x, y, g)):
-        dens[f] = fit_densities(x[train], y[train], g[train], **options)
-        pred_k[test] = x[test] @ dens[f]
+        xf = _known(fractions(f), population, groups)[0] if per_fold and f else x
+        dens[f] = fit_densities(xf[train], y[train], g[train], **options)
+        pred_k[test] = xf[test] @ dens[f]
         fold_k[test] = f
     predicted = np.full(len(known), np.nan)
     predicted[known] = pred_k

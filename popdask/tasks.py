@@ -184,23 +184,33 @@ def context_tile(
     t: Tile,
     ys: slice,
     xs: slice,
-    pilot: np.ndarray,
+    pilots: np.ndarray,
     sigma_px: float,
     k: int,
     cell_px: int,
     layer: int,
     pick: CellPick,
 ) -> CellRows:
-    """The tile's context (written as layer ``layer`` of ``terms``, read with the halo
-    ``ys, xs``), and its picked cells' context-weighted fractions and largest context."""
+    """The tile's context of each of the ``pilots`` densities (the labels read with the
+    halo ``ys, xs``): the first pilot's context is written as layer ``layer`` of ``terms``;
+    returned are the picked cells' context-weighted fractions and the largest context of
+    each, named ``context`` for the first pilot and ``context_1``, ``context_2``, … for the
+    others (the cross-validation's folds)."""
     labels = store.read_window(path, "cluster", ys, xs, so)
     iy, ix = inner(t, ys, xs)
-    values = terms.context(labels, pilot, sigma_px)[iy, ix]
-    store.write_layer(path, store.TERMS, layer, t, values, so)
-    top = float(values.max()) if values.size else 0.0
-    wctx = terms.weighted_fractions(labels[iy, ix], values[None], k, cell_px)
     index, census, keep = pick.rows(path, so, t)
-    return CellRows.pick(index, census, keep, {"context": wctx}, {"context": top})
+    bins = regression.cell_cluster_index(labels[iy, ix], k, cell_px)
+    columns, tops = {}, {}
+    for i, pilot in enumerate(np.atleast_2d(pilots)):
+        values = terms.context(labels, pilot, sigma_px)[iy, ix]
+        if i == 0:
+            store.write_layer(path, store.TERMS, layer, t, values, so)
+        name = "context" if i == 0 else f"context_{i}"
+        tops[name] = float(values.max()) if values.size else 0.0
+        columns[name] = terms.weighted_fractions(
+            labels[iy, ix], values[None], k, cell_px, bins=bins
+        )
+    return CellRows.pick(index, census, keep, columns, tops)
 
 
 # --------------------------------------------------------------------------------------

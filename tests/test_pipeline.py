@@ -15,7 +15,7 @@ import xarray as xr
 from popdask import catalog, cli, store
 from popdask.config import load_config
 from popdask.model import PixelModel
-from popdask.pipeline import run
+from popdask.pipeline import active_terms, run
 
 pytestmark = pytest.mark.integration
 
@@ -363,3 +363,37 @@ def test_a_tile_without_a_usable_scene_is_recorded_and_gets_the_census(
     out = capsys.readouterr().out
     assert f"{len(east)} tiles without a usable scene" in out
     assert all(t.id in out for t in east)
+
+
+def test_the_terms_cross_validation_never_sees_its_held_out_cells(finished, dask_cluster, tmp_path):
+    """The context term paints a pilot fit's densities; each fold of the cross-validation
+    that decides whether the terms are kept gets its context from the pilot fitted without
+    that fold. So changing the census of one fold's held-out cells changes no out-of-fold
+    count of that fold (and does change the other folds', which train on them)."""
+    import shutil
+
+    import zarr
+    from distributed import Client
+
+    from popdask.pipeline import density_fit
+
+    cfg = load_config(finished, overrides=[f"output.path={tmp_path / 'copy.zarr'}"])
+    shutil.copytree(load_config(finished).output.path, cfg.output.path)
+    grid, path = cfg.make_grid(), cfg.output.path
+    model = PixelModel.from_arrays(*store.load_arrays(path, "model"))
+    with Client(dask_cluster) as client:
+        first = density_fit(client, cfg, grid, model, cells={}, save=False)
+        oof = first["out_of_fold"]
+        assert oof["terms"] is not None and "context" in active_terms(cfg, model.kinds)
+        held = oof["fold"] == 0
+        assert 0 < held.sum() < len(held)
+        census = zarr.open_array(f"{path}/census", mode="r+")
+        values = census[...]
+        values.ravel()[first["group"]["arrays"]["cells"][held]] *= 3.0
+        census[...] = values
+        second = density_fit(client, cfg, grid, model, cells={}, save=False)
+    again = second["out_of_fold"]
+    np.testing.assert_array_equal(again["fold"], oof["fold"])
+    np.testing.assert_allclose(again["terms"][held], oof["terms"][held], rtol=1e-9)
+    np.testing.assert_allclose(again["plain"][held], oof["plain"][held], rtol=1e-9)
+    assert not np.allclose(again["terms"][~held], oof["terms"][~held], rtol=1e-3)
