@@ -38,7 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from popdask import regression
+from popdask import evalsample, regression
+from popdask.grid import Grid
 from popdask.regression import block_groups
 
 __all__ = [
@@ -808,17 +809,6 @@ def _region_terms(ds, reg: Mapping, reg_attrs: Mapping) -> np.ndarray | None:
     )
 
 
-def _design_cells(reg: Mapping, cell_shape: tuple[int, int]) -> np.ndarray:
-    """The fit's design rows placed on the ``(y_cell, x_cell, column)`` cells; cells the fit
-    did not see (``cells`` names those it did) are NaN, so they are never scored."""
-    design = np.asarray(reg["design"], dtype=np.float64)
-    if "cells" not in reg:  # a store whose fit saw every cell in raster order
-        return design.reshape(*cell_shape, design.shape[-1])
-    out = np.full((cell_shape[0] * cell_shape[1], design.shape[-1]), np.nan)
-    out[np.asarray(reg["cells"], np.int64)] = design
-    return out.reshape(*cell_shape, design.shape[-1])
-
-
 def _n_clusters(path: str, so, densities: np.ndarray | None, attrs: Mapping) -> int:
     if densities is not None:
         return int(densities.shape[0])
@@ -846,6 +836,8 @@ def evaluate(
     coarse: Sequence[float] = COARSE_SIZES,
     fit_options: Mapping[str, Any] | None = None,
     json_path: str | Path | None = None,
+    max_cells: int = evalsample.MAX_CELLS,
+    window: int = evalsample.SIDE,
 ) -> dict[str, Any]:
     """Evaluate a finished run's store with the protocol of this module.
 
@@ -870,6 +862,12 @@ def evaluate(
         Options of `popdask.regression.fit_densities` (default: the run's defaults).
     json_path : str or pathlib.Path, optional
         Write the report there as JSON (``evaluation.json``).
+    max_cells : int, default `popdask.evalsample.MAX_CELLS`
+        A region of more cells is scored on windows of it (`popdask.evalsample`), so the
+        client holds a bounded part of the store whatever the region; ``truth`` then cannot
+        be given.
+    window : int, default `popdask.evalsample.SIDE`
+        Side in cells of those windows (rounded to whole tiles).
 
     Returns
     -------
@@ -910,22 +908,35 @@ def evaluate(
     except KeyError:
         reg, reg_attrs, stored_dens = {}, {}, None
     min_valid = float(((attrs.get("config") or {}).get("regression") or {}).get("min_valid", 0.5))
-    coarse_columns = None
-    run_terms = list(reg_attrs.get("terms") or []) if "design" in reg else []
-    if "design" in reg:  # the run's fit columns: cluster fractions, then weighted ones
-        k = int(reg_attrs["n_clusters"])
-        fractions = _design_cells(reg, ds.census.shape)
-        names = ["clusters", *(reg_attrs.get("terms") or [])]
-        coarse_columns = [
-            j * k + c for j, name in enumerate(names) if name != "context" for c in range(k)
-        ]
-    else:
-        k = _n_clusters(path, so, stored_dens, attrs)
-        fractions = np.asarray(
-            regression.cell_fractions(ds.cluster.data, k, cell_px=cell_px).compute(),
-            dtype=np.float64,
+    run_terms = list(reg_attrs.get("terms") or [])
+    k = int(reg_attrs.get("n_clusters") or _n_clusters(path, so, stored_dens, attrs))
+    stored_terms = (_store.term_names(path, so) or []) if run_terms else []
+    layers = [stored_terms.index(n) for n in run_terms]
+    # the run's fit columns: cluster fractions, then the term-weighted ones
+    names = ["clusters", *run_terms]
+    coarse_columns = [j * k + c for j, n in enumerate(names) if n != "context" for c in range(k)]
+    g = Grid(
+        tuple(grid["bounds"]), resolution=grid["resolution"], cell=grid["cell"], tile=grid["tile"]
+    )
+    windows = evalsample.choose_windows(
+        path, g, max_cells=max_cells, side=window, storage_options=so
+    )
+    whole = len(windows) == 1 and windows[0].shape == g.cell_shape
+    if truth is not None and not whole:
+        raise ValueError(
+            f"{path}: truth scores need the whole region, and its "
+            f"{g.cell_shape[0] * g.cell_shape[1]} cells are more than max_cells={max_cells}; "
+            "raise max_cells or score a smaller region"
         )
-    census = ds.census.values.astype(np.float64)
+    fractions = evalsample.mosaic(
+        [
+            evalsample.window_design(
+                path, g, w, k=k, layers=layers, scale=reg.get("term_scale"), storage_options=so
+            )
+            for w in windows
+        ]
+    )
+    census = evalsample.mosaic([evalsample.window_cells(path, "census", w, so) for w in windows])
     t_read = time.perf_counter() - t0
 
     per = max(int(block // cell), 1)
@@ -951,7 +962,9 @@ def evaluate(
     usable = np.isfinite(maps["census"])
     stored: dict[str, Any] = {"densities_saved": stored_dens is not None}
     if "predicted" in ds:
-        pred_stored = ds.predicted.values.astype(np.float64)
+        pred_stored = evalsample.mosaic(
+            [evalsample.window_cells(path, "predicted", w, so) for w in windows]
+        )
         if np.isfinite(pred_stored[usable]).all():
             stored["scores"] = regression.scores(maps["census"], pred_stored)
     if stored_dens is not None and stored_dens.shape == maps["densities"].shape:
@@ -967,6 +980,11 @@ def evaluate(
             "coarse_m": [float(c) for c in coarse],
             "terms": run_terms,
             "coarse_terms": [t for t in run_terms if t != "context"],
+            "windows": {  # what was scored: the whole region, or windows of it
+                "whole_region": whole,
+                "count": len(windows),
+                "cells": int(sum(w.shape[0] * w.shape[1] for w in windows)),
+            },
             "fit_options": dict(fit_options or {}),
             "density_classes_per_km2": {
                 "edges": list(CLASS_EDGES),
@@ -1001,7 +1019,7 @@ def evaluate(
             maps["cv"] if np.isfinite(maps["cv"]).any() else maps["in_sample"],
             figure,
             in_sample=maps["in_sample"],
-            extent=_extent_km(ds.census, "y_cell", "x_cell"),
+            extent=_extent_km(ds.census, "y_cell", "x_cell") if whole else None,
             title="out of fold" if np.isfinite(maps["cv"]).any() else "in-sample",
         )
         out["figure"] = str(figure)

@@ -170,6 +170,22 @@ def stored_cells(
     return _cell_rows(path, so, tile, labels, comp, sub, k, layer, cell_px, pick)
 
 
+def cell_design(
+    path: str, so: dict, tile: Tile, k: int, layers: Sequence[int], cell_px: int
+) -> np.ndarray:
+    """``(y_cell, x_cell, (1 + m) k)`` of a finished tile: its cells' cluster fractions,
+    then their fractions weighted by each stored ``terms`` layer of ``layers`` (raw, as the
+    label and context passes wrote them). What :mod:`popdask.evalsample` scores."""
+    labels = store.read_window(path, "cluster", tile.ys, tile.xs, so)
+    bins = regression.cell_cluster_index(labels, k, cell_px)
+    fr = regression.cell_fractions(labels, k, cell_px=cell_px, bins=bins)
+    if not layers:
+        return fr
+    values = store.read_window(path, store.TERMS, tile.ys, tile.xs, so, index=list(layers))
+    weighted = terms.weighted_fractions(labels, values, k, cell_px, bins=bins)
+    return np.concatenate([fr, weighted], axis=-1)
+
+
 def inner(t: Tile, ys: slice, xs: slice) -> tuple[slice, slice]:
     """The tile's pixel slices inside the window ``ys, xs``."""
     return (

@@ -413,3 +413,50 @@ def test_cli_writes_json_and_png(finished_store, tmp_path, capsys):
     r_, g_, b_ = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     assert ((r_ > 0.6) & (b_ < 0.4) & (g_ < 0.5)).sum() > 50
     assert ((b_ > 0.6) & (r_ < 0.4)).sum() > 50
+
+
+def test_a_region_larger_than_max_cells_is_scored_on_whole_tile_windows(finished_store):
+    """Past ``max_cells`` the protocol runs on a mosaic of windows of whole tiles, apart by
+    unknown cells: the cells scored are the windows' own, and no more than asked."""
+    from popdask import evalsample
+
+    s = finished_store
+    grid = s["grid"]  # 10 × 10 cells in four tiles of 5 × 5
+    windows = evalsample.choose_windows(s["path"], grid, max_cells=60, side=5)
+    assert len(windows) == 2 and all(w.shape == (5, 5) for w in windows)
+    assert all(w.r0 % 5 == 0 and w.c0 % 5 == 0 for w in windows)
+    assert len({(w.r0, w.c0) for w in windows}) == 2
+    assert evalsample.choose_windows(s["path"], grid, max_cells=60, side=5) == windows
+    r = ev.evaluate(s["path"], max_cells=60, window=5)
+    assert r["protocol"]["windows"] == {"whole_region": False, "count": 2, "cells": 50}
+    census = np.concatenate(
+        [evalsample.window_cells(s["path"], "census", w).ravel() for w in windows]
+    )
+    assert r["cells"]["census_known"] == np.isfinite(census).sum()
+    assert r["cells"]["total"] == 5 * (5 + 5 + evalsample.GAP)  # the mosaic, gap included
+    whole = ev.evaluate(s["path"])
+    assert whole["protocol"]["windows"] == {"whole_region": True, "count": 1, "cells": 100}
+    with pytest.raises(ValueError, match="whole region"):
+        ev.evaluate(s["path"], truth=s["truth"], max_cells=60, window=5)
+
+
+def test_window_design_is_the_runs_cell_fractions(finished_store):
+    from popdask import evalsample
+
+    s = finished_store
+    grid = s["grid"]
+    labels = np.concatenate(
+        [
+            np.concatenate([store.read_window(s["path"], "cluster", t.ys, t.xs) for t in row], 1)
+            for row in (grid.tiles()[:2], grid.tiles()[2:])
+        ]
+    )
+    want = regression.cell_fractions(labels, 4, cell_px=grid.cell_px)
+    w = evalsample.Window(0, 10, 0, 10)
+    np.testing.assert_allclose(evalsample.window_design(s["path"], grid, w, k=4), want)
+    part = evalsample.Window(5, 10, 0, 5)
+    np.testing.assert_allclose(
+        evalsample.window_design(s["path"], grid, part, k=4), want[5:10, 0:5]
+    )
+    both = evalsample.mosaic([want[:5, :5], want[5:, 5:]], gap=3)
+    assert both.shape == (5, 13, 4) and np.isnan(both[:, 5:8]).all()
