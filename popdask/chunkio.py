@@ -20,6 +20,7 @@ import functools
 import itertools
 import json
 import os
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -89,7 +90,7 @@ class ChunkArray:
         per_axis = [self._chunks_of(p, c) for p, c in zip(picks, self.chunks, strict=True)]
         indices = list(itertools.product(*(list(a) for a in per_axis)))
         keys = [self.key(tuple(ci for ci, _, _ in idx)) for idx in indices]
-        found = self.fs.cat(keys, on_error="omit") if keys else {}  # a list: always a dict
+        found = fetch(self.fs, keys)
         for idx, key in zip(indices, keys, strict=True):
             dst = _orthogonal(tuple(d for _, _, d in idx))
             src = _orthogonal(tuple(s for _, s, _ in idx))
@@ -238,6 +239,49 @@ def write_array(
         data = codec.encode(block) if codec is not None else block.tobytes()
         put(fs, f"{root}/{'.'.join(map(str, (i, *(0,) * (values.ndim - 1))))}", data)
     put(fs, f"{root}/.zarray", json.dumps(meta, indent=2).encode())
+
+
+class StorageError(OSError):
+    """A read from the store failed for another reason than a missing chunk (a timeout, a
+    5xx, a refused permission), even after retries: never read as fill values."""
+
+
+#: Seconds to wait before each new try of the chunks whose read failed.
+RETRY_DELAYS = (0.2, 1.0, 3.0)
+
+
+def fetch(fs, keys: Sequence[str], delays: Sequence[float] | None = None) -> dict[str, bytes]:
+    """The bytes of each of ``keys`` that exists (fetched together, so an object store
+    answers them concurrently); a missing key is absent from the result.
+
+    Any other failure is retried after each of ``delays`` (default :data:`RETRY_DELAYS`),
+    then raised as :class:`StorageError` naming the key: a chunk that cannot be read is an
+    error, never fill data (fsspec's ``on_error="omit"`` would make it one).
+    """
+    delays = RETRY_DELAYS if delays is None else delays
+    out: dict[str, bytes] = {}
+    todo = list(keys)
+    for tries, delay in enumerate((*delays, None), start=1):
+        if not todo:
+            break
+        got = fs.cat(todo, on_error="return")  # a list: always a dict
+        failed = {}
+        for key in todo:
+            value = got.get(key)
+            if isinstance(value, BaseException) and not isinstance(value, FileNotFoundError):
+                failed[key] = value
+            elif isinstance(value, bytes | bytearray | memoryview):
+                out[key] = value
+        if failed and delay is None:
+            key, e = next(iter(failed.items()))
+            raise StorageError(
+                f"cannot read {key} ({type(e).__name__}: {e}) after {tries} tries "
+                f"({len(failed)} chunk(s) failed); check the store's storage and credentials"
+            ) from e
+        todo = list(failed)
+        if todo:
+            time.sleep(delay)
+    return out
 
 
 def resolve(

@@ -134,3 +134,69 @@ def test_write_array_refuses_what_it_cannot_write(tmp_path):
     with pytest.raises(ValueError, match="one dimension or more"):
         write_array(str(tmp_path), "z", np.float64(1.0))
     assert not os.path.exists(tmp_path / "s") and not os.path.exists(tmp_path / "z")
+
+
+class _Faulty:
+    """A loopback HTTP server over a folder that answers 503 (or 403) for chosen paths,
+    a given number of times (None: always); 404 for what is not there."""
+
+    def __init__(self, root):
+        import functools
+        import threading
+        from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+        self.faults: dict[str, list] = {}
+        faults = self.faults
+
+        class Handler(SimpleHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def send_head(self):
+                rule = faults.get(self.path)
+                if rule and (rule[1] is None or rule[1] > 0):
+                    if rule[1] is not None:
+                        rule[1] -= 1
+                    self.send_error(rule[0])
+                    return None
+                return super().send_head()
+
+        self.server = ThreadingHTTPServer(
+            ("127.0.0.1", 0), functools.partial(Handler, directory=str(root))
+        )
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def served(tmp_path, values):
+    make(tmp_path)[:8] = values[:8]  # the chunks of the last row of chunks are never written
+    server = _Faulty(tmp_path)
+    yield server
+    server.close()
+
+
+def test_a_failed_read_is_an_error_never_fill_data(served, values, monkeypatch):
+    """A chunk the server will not give (503) is retried, then an error naming it; only a
+    chunk that is not there (404) reads as the fill value."""
+    from popdask import chunkio
+    from popdask.chunkio import StorageError
+
+    monkeypatch.setattr(chunkio, "RETRY_DELAYS", (0.05, 0.05, 0.05))
+    a = ChunkArray(f"{served.url}/", "a")
+    got = a.read((slice(None), slice(None)))
+    np.testing.assert_array_equal(got[:8], values[:8])
+    assert np.isnan(got[8:]).all()  # never written: 404, the fill value
+    served.faults["/a/0.1"] = [503, 2]  # fails twice, then is served
+    np.testing.assert_array_equal(a.read((slice(0, 4), slice(4, 8))), values[0:4, 4:8])
+    assert served.faults["/a/0.1"][1] == 0
+    served.faults["/a/1.1"] = [503, None]  # keeps failing
+    with pytest.raises(StorageError, match=r"a/1\.1.*after 4 tries"):
+        a.read((slice(0, 8), slice(0, 8)))
+    served.faults["/a/1.1"] = [403, None]
+    with pytest.raises(StorageError, match=r"a/1\.1.*403"):
+        a.read((slice(4, 8), slice(4, 8)))
