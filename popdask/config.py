@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from popdask.grid import Grid
 from popdask.presets import PresetError, expand_presets
+from popdask.secrets import is_secret_gdal_option, refuse_storage_secrets
 
 
 class ConfigError(ValueError):
@@ -86,6 +87,18 @@ class ReadConfig(_Model):
     s3_endpoint: str | None = None  # e.g. http://127.0.0.1:9000 for an S3-compatible server
     requester_pays: bool = False
     gdal: dict[str, str] = {}  # extra GDAL configuration options
+
+    @field_validator("gdal")
+    @classmethod
+    def _no_gdal_secret(cls, v: dict[str, str]) -> dict[str, str]:
+        secret = sorted(k for k in v if is_secret_gdal_option(k))
+        if secret:
+            raise ValueError(
+                f"{', '.join(secret)} hold credentials and are not accepted in the "
+                "configuration (it travels in every task); set them in the environment of "
+                "the client and the workers instead"
+            )
+        return v
 
 
 class SourceConfig(_Model):
@@ -315,6 +328,12 @@ class Config(_Model):
     output: OutputConfig
     cluster: ClusterConfig = ClusterConfig()
     read: ReadConfig = ReadConfig()
+
+    @model_validator(mode="after")
+    def _no_secrets(self) -> Config:
+        refuse_storage_secrets(self.output.storage_options, "output.storage_options")
+        refuse_storage_secrets(self.census.storage_options, "census.storage_options")
+        return self
 
     @model_validator(mode="after")
     def _urls(self) -> Config:

@@ -59,6 +59,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from popdask.secrets import is_secret_gdal_option
+
 if TYPE_CHECKING:  # pragma: no cover
     from stackstac.rio_env import LayeredEnv
 
@@ -88,21 +90,6 @@ BASE_OPTIONS: dict[str, str] = {
     "CPL_VSIL_CURL_CACHE_SIZE": str(64 * 1024 * 1024),
     "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF,.h5,.nc",
 }
-
-# Never accepted in ``read.gdal``: the env is pickled into the task graph.
-_SECRET_OPTIONS = frozenset(
-    {
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_SESSION_TOKEN",
-        "GS_SECRET_ACCESS_KEY",
-        "AZURE_STORAGE_ACCESS_KEY",
-        "AZURE_STORAGE_SAS_TOKEN",
-        "GDAL_HTTP_USERPWD",
-        "GDAL_HTTP_AUTH",
-        "GDAL_HTTP_HEADERS",
-        "GDAL_HTTP_BEARER",
-    }
-)
 
 
 class GdalConfigError(ValueError):
@@ -178,7 +165,8 @@ def gdal_options(read: ReadConfig | Mapping[str, Any] | None = None) -> dict[str
         extra = dict(read.get("gdal") or {})
     else:
         s3_endpoint, requester_pays, extra = read.s3_endpoint, read.requester_pays, read.gdal
-    secret = sorted(k for k in extra if k.upper() in _SECRET_OPTIONS)
+    # never accepted: the options travel in every task graph
+    secret = sorted(k for k in extra if is_secret_gdal_option(k))
     if secret:
         raise GdalConfigError(
             f"read.gdal: {', '.join(secret)} must not be in the configuration (it would travel "

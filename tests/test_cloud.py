@@ -349,7 +349,7 @@ def test_small_window_fetches_a_small_share_of_each_file(big_cogs, client):
 # End to end
 # --------------------------------------------------------------------------------------
 def test_run_pgstac_nginx_to_s3_equals_local_run(
-    tmp_path, demo_region, pgstac_api, nginx, aws_env, dask_cluster, clean_run, capsys
+    tmp_path, demo_region, pgstac_api, nginx, aws_env, dask_cluster, clean_run, capsys, caplog
 ):
     """`popdask run` searching pgstac, reading COGs from nginx, writing a versioned Zarr
     store to S3; the result equals the local-file run's."""
@@ -361,7 +361,8 @@ def test_run_pgstac_nginx_to_s3_equals_local_run(
     since = nginx.log_offset()
     sets = [f"output.path={base}", "output.version=v1", f"output.storage_options={json.dumps(so)}"]
     argv = ["run", str(cfg_path), "--report-dir", str(tmp_path)]
-    assert cli.main([*argv, *(x for s in sets for x in ("--set", s))]) == 0
+    with caplog.at_level(logging.DEBUG, logger="popdask"):
+        assert cli.main([*argv, *(x for s in sets for x in ("--set", s))]) == 0
     url = f"{base}/v1.zarr"
     _assert_same_store(url, clean_run.parent / "out.zarr", so)
     assert store.latest(base, so) == url
@@ -372,9 +373,18 @@ def test_run_pgstac_nginx_to_s3_equals_local_run(
     s3 = aws_env.client()
     assert s3.head_object(Bucket=OUT_BUCKET, Key="run/v1.zarr/.zattrs")["ContentLength"] > 0
     assert s3.list_objects_v2(Bucket=OUT_BUCKET, Prefix="run/v1.zarr/population/")["KeyCount"]
-    capsys.readouterr()
+    printed = capsys.readouterr()
     assert cli.main(["status", url, "--storage-options", json.dumps(so)]) == 0
     assert "4 complete" in capsys.readouterr().out
+    # the credentials came from the environment; none is in the store, the output or logs
+    secrets = [AWS_ENV["AWS_SECRET_ACCESS_KEY"].encode(), AWS_ENV["AWS_ACCESS_KEY_ID"].encode()]
+    listing = s3.list_objects_v2(Bucket=OUT_BUCKET, Prefix="run/")
+    assert listing["KeyCount"] > 0 and not listing["IsTruncated"]
+    for obj in listing["Contents"]:
+        body = s3.get_object(Bucket=OUT_BUCKET, Key=obj["Key"])["Body"].read()
+        assert not any(x in body for x in secrets), obj["Key"]
+    for text in (printed.out, printed.err, caplog.text):
+        assert not any(x.decode() in text for x in secrets)
 
 
 def test_missing_bucket_is_one_clear_line(tmp_path, demo_region, aws_env, capsys):

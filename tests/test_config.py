@@ -156,3 +156,38 @@ def test_batch_tiles_of_older_configurations_is_ignored_with_a_warning():
     )
     with pytest.raises(ConfigError, match="tiles_per_thread"):
         config_from_dict({**BASE, "cluster": {"tiles_per_thread": 0.5}})
+
+
+@pytest.mark.parametrize(
+    ("section", "options", "named", "hint"),
+    [
+        ("output", {"key": "AKIAEXAMPLE", "secret": "s3cr3t-value"}, "secret", "AWS_SECRET"),
+        ("output", {"client_kwargs": {"aws_secret_access_key": "s3cr3t-value"}}, "client_kwargs",
+         "AWS_SECRET"),
+        ("output", {"account_key": "s3cr3t-value"}, "account_key", "AZURE_STORAGE_ACCOUNT_KEY"),
+        ("output", {"connection_string": "s3cr3t-value"}, "connection_string", "AZURE"),
+        ("output", {"sas_token": "s3cr3t-value"}, "sas_token", "AZURE_STORAGE_SAS_TOKEN"),
+        ("census", {"password": "s3cr3t-value"}, "password", "environment"),
+        ("census", {"token": "s3cr3t-value"}, "token", "GOOGLE_APPLICATION_CREDENTIALS"),
+    ],
+)  # fmt: skip
+def test_credentials_in_storage_options_are_refused(section, options, named, hint):
+    cfg = {**BASE, section: {**BASE[section], "storage_options": options}}
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(cfg)
+    msg = str(e.value)
+    assert f"{section}.storage_options." in msg and named in msg and hint in msg
+    assert "s3cr3t-value" not in msg  # the value itself is never shown
+
+
+def test_credentials_given_with_set_are_refused_and_modes_pass(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    with pytest.raises(ConfigError, match=r"output\.storage_options\.secret"):
+        load_config(path, ["output.storage_options={secret: s3cr3t-value}"])
+    ok = load_config(
+        path, ["output.storage_options={anon: true, endpoint_url: 'http://127.0.0.1:9'}"]
+    )
+    assert ok.output.storage_options["anon"] is True
+    gcs = load_config(path, ["census.storage_options={token: anon}"])
+    assert gcs.census.storage_options == {"token": "anon"}
