@@ -462,10 +462,16 @@ def _read_gpkg(path: Path) -> pd.DataFrame:
                 f"{path}: the layer {table!r} is in EPSG:{srs}, not EPSG:{EPSG}; use the GISCO "
                 "grid in ETRS89-LAEA (EPSG:3035) or reproject it (e.g. ogr2ogr -t_srs EPSG:3035)"
             )
-        cols = [r[1] for r in con.execute(f'PRAGMA table_info("{table}")')]
+        cols = [r[1] for r in con.execute(f"PRAGMA table_info({_quoted(table)})")]
         keep = [c for c in cols if c.upper() not in ("GEOM", "GEOMETRY", "SHAPE")]
-        sel = ", ".join(f'"{c}"' for c in keep)
-        return pd.read_sql_query(f'SELECT {sel} FROM "{table}"', con)
+        sel = ", ".join(_quoted(c) for c in keep)
+        return pd.read_sql_query(f"SELECT {sel} FROM {_quoted(table)}", con)
+
+
+def _quoted(name: str) -> str:
+    """An SQL identifier as SQLite reads it whatever it holds (quotes doubled): the layer
+    and column names of a GeoPackage are the file's, not ours."""
+    return '"' + str(name).replace('"', '""') + '"'
 
 
 def _fetch(url: str, storage_options: dict | None, *, what: str = "census") -> Path:

@@ -238,7 +238,9 @@ def _local(cfg: ClusterConfig) -> Iterator[Client]:
 
     with (
         worker_environ(),
-        LocalCluster(dashboard_address=":0", **local_defaults(cfg)) as cluster,
+        LocalCluster(
+            host="127.0.0.1", dashboard_address="127.0.0.1:0", **local_defaults(cfg)
+        ) as cluster,
     ):
         with Client(cluster) as client:
             _announce(client, "local cluster")

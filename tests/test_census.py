@@ -87,15 +87,27 @@ def test_read_census_formats(tmp_path, grid, table, fmt):
     assert da.y_cell.values[0] > da.y_cell.values[1]
 
 
-def write_gpkg(path, df, srs):
+def write_gpkg(path, df, srs, layer="grid"):
     """A minimal GeoPackage (SQLite) with the GISCO attributes and a geometry column."""
     with sqlite3.connect(path) as con:
         con.execute("CREATE TABLE gpkg_contents (table_name TEXT, data_type TEXT)")
         con.execute("CREATE TABLE gpkg_geometry_columns (table_name TEXT, srs_id INTEGER)")
-        con.execute("INSERT INTO gpkg_contents VALUES ('grid', 'features')")
-        con.execute("INSERT INTO gpkg_geometry_columns VALUES ('grid', ?)", (srs,))
+        con.execute("INSERT INTO gpkg_contents VALUES (?, 'features')", (layer,))
+        con.execute("INSERT INTO gpkg_geometry_columns VALUES (?, ?)", (layer, srs))
         out = df.drop(columns=["X_LLC", "Y_LLC"]).assign(geom=b"")
-        out.to_sql("grid", con, index=False)
+        out.to_sql(layer, con, index=False)
+
+
+def test_a_geopackage_layer_named_like_sql_is_read_as_a_name(tmp_path, grid, table):
+    """The layer name is the file's: quotes in it are data, not SQL."""
+    path = tmp_path / "odd.gpkg"
+    layer = 'grid" WHERE 0; --'
+    write_gpkg(path, table, srs=3035, layer=layer)
+    got = read_census(path, grid, column="TOT_P_2021")
+    write_gpkg(tmp_path / "plain.gpkg", table, srs=3035)
+    want = read_census(tmp_path / "plain.gpkg", grid, column="TOT_P_2021")
+    assert np.isfinite(got.values).any()
+    np.testing.assert_array_equal(got.values, want.values)
 
 
 def test_errors_name_the_problem(tmp_path, grid, table):

@@ -90,3 +90,22 @@ def test_a_user_keeps_the_profiler_with_the_environment(monkeypatch):
     with get_client(CFG) as client:
         (enabled,) = client.run(_profiler_enabled).values()
     assert enabled is True
+
+
+def test_the_local_cluster_listens_on_loopback_only():
+    """The scheduler, its dashboard and the workers bind 127.0.0.1, never every interface."""
+    import psutil
+
+    with get_client(CFG) as client:
+        port = int(client.dashboard_link.split(":")[2].split("/")[0])
+        listening = [
+            c.laddr
+            for c in psutil.Process().net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN
+        ]
+        workers = list(client.scheduler_info()["workers"])
+        assert client.scheduler.address.startswith("tcp://127.0.0.1:")
+    dashboard = [a for a in listening if a.port == port]
+    assert dashboard and all(a.ip == "127.0.0.1" for a in dashboard)
+    assert all(a.ip in ("127.0.0.1", "::1") for a in listening), listening
+    assert workers and all(w.startswith("tcp://127.0.0.1:") for w in workers)
