@@ -58,7 +58,7 @@ class ChunkArray:
         self.chunks = tuple(meta["chunks"])
         self.dtype = np.dtype(meta["dtype"])
         self.fill_value = _fill(meta.get("fill_value"), self.dtype)
-        self.codec = numcodecs.get_codec(meta["compressor"]) if meta.get("compressor") else None
+        self.codec = _codec(meta.get("compressor"), f"{path}: array {name!r}")
         self.separator = meta.get("dimension_separator") or "."
 
     @property
@@ -239,6 +239,29 @@ def write_array(
         data = codec.encode(block) if codec is not None else block.tobytes()
         put(fs, f"{root}/{'.'.join(map(str, (i, *(0,) * (values.ndim - 1))))}", data)
     put(fs, f"{root}/.zarray", json.dumps(meta, indent=2).encode())
+
+
+#: The compressors popdask decodes (those it writes, and the common lossless ones). Any
+#: other, above all ``pickle``, whose decoding can run code, is refused before a byte is read.
+ALLOWED_CODECS = frozenset({"blosc", "zstd", "lz4", "gzip", "zlib", "bz2", "lzma"})
+
+
+class CodecError(ValueError):
+    """A store's array is compressed with a codec popdask does not read."""
+
+
+def _codec(config: Mapping[str, Any] | None, where: str):
+    """The numcodecs codec of an array's ``compressor``, if popdask allows it."""
+    if not config:
+        return None
+    cid = str(config.get("id"))
+    if cid not in ALLOWED_CODECS:
+        raise CodecError(
+            f"{where} is compressed with the {cid!r} codec, which popdask does not read "
+            f"(allowed: {', '.join(sorted(ALLOWED_CODECS))}); the store was not written by "
+            "popdask or was altered: do not trust it"
+        )
+    return numcodecs.get_codec(dict(config))
 
 
 class StorageError(OSError):

@@ -220,3 +220,30 @@ def test_census_attrs_land_in_the_zarr_array(tmp_path, grid, capsys):
     assert "census census.csv (T): 6 cells: 1 known, 4 zero by absence, 1 unknown" in (
         capsys.readouterr().out
     )
+
+
+def test_a_store_whose_codec_was_switched_to_pickle_is_refused(path, grid, capsys):
+    """A store somebody else altered: a ``pickle`` compressor (decoding it can run code) is
+    refused by popdask with the store, the array and the codec named, before a chunk is
+    decoded; zarr refuses to open it too."""
+    import json
+    import os
+
+    store.set_status(path, grid.tiles()[:1], store.COMPLETE)  # a chunk to decode
+    meta_path = os.path.join(path, "tile_status", ".zarray")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    meta["compressor"] = {"id": "pickle", "protocol": 5}
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    from popdask.chunkio import CodecError
+    from popdask.cli import main
+
+    with pytest.raises(CodecError, match=r"array 'tile_status' is compressed with the 'pickle'"):
+        store.tile_status(path)
+    assert main(["status", path]) == 1
+    err = capsys.readouterr().err
+    assert path in err and "'tile_status'" in err and "'pickle'" in err
+    ChunkArray(path, "population")  # the other arrays are as popdask wrote them
+    with pytest.raises(ValueError, match=r"pickle"):  # zarr itself will not open it either
+        store.open_store(path)
