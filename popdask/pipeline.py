@@ -18,6 +18,7 @@ stopped. Nothing the client holds grows with the region beyond per-tile summarie
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import traceback
@@ -718,6 +719,35 @@ def truth_metrics(pop: np.ndarray, truth: np.ndarray) -> dict[str, float]:
 # --------------------------------------------------------------------------------------
 # The whole run
 # --------------------------------------------------------------------------------------
+#: Configuration sections that do not change what a run writes (where it goes, on what
+#: cluster, how files are read), left out of its signature.
+UNSIGNED = ("output", "cluster", "read")
+
+
+def run_signature(cfg: Config, census: np.ndarray) -> dict[str, Any]:
+    """What determines a store's content, flat (``{"model.clusters": 150, …}``): the
+    configuration but for :data:`UNSIGNED` and the census section, whose cell values are
+    signed instead (their SHA-256: the file may move, its values may not), and popdask's
+    version. The tiles' items are in the store's catalog records, reused on resume."""
+    d = {k: v for k, v in cfg.to_dict().items() if k not in (*UNSIGNED, "census")}
+    flat = _flatten(d)
+    flat["popdask_version"] = __version__
+    values = np.ascontiguousarray(census, np.float32)
+    flat["census_sha256"] = hashlib.sha256(values.tobytes()).hexdigest()
+    return flat
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
 def probe_sources(sources: Sequence[catalog.Source], bbox_lonlat: Sequence[float]) -> None:
     """One bounded request per source before any tile runs: a Sentinel-2 source without an
     item over the region fails the run with one line; another source is left out of the
@@ -785,6 +815,7 @@ def run(
         attrs={"config": cfg.to_dict(), "popdask_version": __version__},
         storage_options=so,
         terms=active_terms(cfg, kinds),
+        signature=run_signature(cfg, census.values),
     )
     log.info("store: %s %s", "created" if created else "resuming", path)
     store.update_attrs(

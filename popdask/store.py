@@ -217,11 +217,14 @@ def create(
     attrs: Mapping[str, Any],
     storage_options=None,
     terms: Sequence[str] = (),
+    signature: Mapping[str, Any] | None = None,
 ) -> bool:
     """Create the store, or check that an existing one belongs to this run.
 
     ``terms`` names the run's covariate layers: a new store gets its ``terms`` array (see
     :func:`ensure_terms`) before its metadata is consolidated, so no pass has to add it later.
+    ``signature`` (flat ``{key: value}``) is what determines the store's content: it is
+    recorded, and a store recorded with another is not resumed.
 
     Returns
     -------
@@ -231,7 +234,7 @@ def create(
     Raises
     ------
     StoreError
-        When a store exists at ``path`` with another grid or bands.
+        When a store exists at ``path`` with another grid, bands or signature.
     """
     sig = grid_signature(grid, bands)
     if exists(path, storage_options):
@@ -242,9 +245,12 @@ def create(
                 f"({old.get('grid')} != {sig}); choose another output.path, or delete it to "
                 "start over"
             )
+        _check_signature(path, old.get("signature"), signature)
         return False
     ds = template(grid, bands, kinds, census)
-    ds.attrs.update({"popdask": {"grid": sig}, **_jsonable(attrs)})
+    ds.attrs.update(
+        {"popdask": {"grid": sig, "signature": dict(signature or {})}, **_jsonable(attrs)}
+    )
     encoding = {
         # No _FillValue on the integers (it would make xarray decode them to float):
         # chunks not written yet read as 0; tile_status says which tiles are done.
@@ -283,6 +289,22 @@ def create(
         _create_terms(open_group(path, storage_options), terms)
     consolidate(path, storage_options)
     return True
+
+
+def _check_signature(path: str, stored: Mapping | None, wanted: Mapping | None) -> None:
+    """Refuse to resume a store whose recorded signature differs from this run's."""
+    if wanted is None or stored is None:  # not asked, or a store from before signatures
+        return
+    wanted = _jsonable(dict(wanted))
+    differ = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+    if differ:
+        shown = "; ".join(f"{k}: {stored.get(k)!r} -> {wanted.get(k)!r}" for k in differ[:8])
+        more = f" (and {len(differ) - 8} more)" if len(differ) > 8 else ""
+        raise StoreError(
+            f"{path} was written with another configuration ({shown}{more}): resuming would "
+            "mix two runs' outputs. Write to a new output.path (or set output.version for a "
+            "new rebuild), or delete the store to start over"
+        )
 
 
 def _so(path, storage_options):

@@ -7,6 +7,7 @@ collection names and asset keys are given explicitly; nothing tells popdask it i
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -397,3 +398,32 @@ def test_the_terms_cross_validation_never_sees_its_held_out_cells(finished, dask
     np.testing.assert_allclose(again["terms"][held], oof["terms"][held], rtol=1e-9)
     np.testing.assert_allclose(again["plain"][held], oof["plain"][held], rtol=1e-9)
     assert not np.allclose(again["terms"][~held], oof["terms"][~held], rtol=1e-3)
+
+
+def test_a_rerun_with_another_configuration_is_refused(finished, dask_cluster, tmp_path):
+    """The store records what determines its content; a rerun that differs (here the number
+    of clusters, or one census count) is refused with the keys named, before anything
+    runs, while settings that change nothing written (the cluster, the output) resume."""
+    import shutil
+
+    from distributed import Client
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(load_config(finished).output.path, copy)
+    before = store.tile_status(str(copy)).copy()
+    with Client(dask_cluster) as client:
+        cfg = load_config(finished, overrides=[f"output.path={copy}", "model.clusters=25"])
+        with pytest.raises(store.StoreError, match=r"model\.clusters: 20 -> 25.*new output\.path"):
+            run(cfg, client=client, progress=False, report_dir=tmp_path)
+        census = tmp_path / "census.csv"
+        rows = [r.split(",") for r in Path(load_config(finished).census.path).read_text().split()]
+        i = next(i for i, r in enumerate(rows) if i and r[1] and r[2] in ("", "0"))  # a known one
+        rows[i][1] = str(int(float(rows[i][1])) + 7)
+        census.write_text("\n".join(",".join(r) for r in rows) + "\n")
+        cfg = load_config(finished, overrides=[f"output.path={copy}", f"census.path={census}"])
+        with pytest.raises(store.StoreError, match="census_sha256"):
+            run(cfg, client=client, progress=False, report_dir=tmp_path)
+        cfg = load_config(finished, overrides=[f"output.path={copy}", "cluster.tiles_per_thread=3"])
+        result = run(cfg, client=client, progress=False, report_dir=tmp_path)
+    assert result.computed_tiles == {"composite": [], "label": [], "predict": []}
+    np.testing.assert_array_equal(store.tile_status(str(copy)), before)
