@@ -39,6 +39,7 @@ from popdask.sources import (
     _conforms,
     filter_items,
     item_bounds_3035,
+    item_time,
     items_composite,
     open_catalog,
 )
@@ -171,8 +172,10 @@ def _positions(coords):
 
 
 def _when(item: Mapping[str, Any]) -> str:
-    p = item.get("properties") or {}
-    return str(p.get("datetime") or p.get("start_datetime") or "")
+    """The item's acquisition time as a UTC ``YYYY-MM-DDTHH:MM:SS.ffffff`` string (it sorts
+    as the times do, and its first 10 characters are the UTC day); "" without a date."""
+    when = item_time(item.get("properties") or {})
+    return when.strftime("%Y-%m-%dT%H:%M:%S.%f") if when else ""
 
 
 def _cloud(item: Mapping[str, Any]) -> float:

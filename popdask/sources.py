@@ -14,8 +14,9 @@ Searching returns plain :class:`pystac.Item` lists; :func:`tile_composite` build
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import dask.array as da
@@ -151,6 +152,43 @@ def item_bounds_3035(items: Sequence[pystac.Item]) -> np.ndarray:
     return out
 
 
+def item_time(properties: Mapping) -> dt.datetime | None:
+    """When an item was acquired, in UTC: its ``datetime``, else its ``start_datetime``.
+
+    Parsed from the properties themselves, whatever form they take: RFC 3339 (``T``, ``Z``)
+    or the space-separated ``2024-04-19 04:59:04.220006+00:00`` of the Planetary Computer's
+    Sentinel-1 RTC ``start_datetime``; any UTC offset is converted, a missing one is taken as
+    UTC. None when neither is given or parses. Every date popdask reads goes through here
+    (months, acquisition days, date order), so that strings of different forms never meet.
+
+    Examples
+    --------
+    >>> item_time({"datetime": None, "start_datetime": "2024-04-20 01:00:00+02:00"})
+    datetime.datetime(2024, 4, 19, 23, 0, tzinfo=datetime.timezone.utc)
+    """
+    for key in ("datetime", "start_datetime"):
+        raw = properties.get(key)
+        if isinstance(raw, dt.datetime):
+            when = raw
+        elif isinstance(raw, str):
+            try:
+                when = dt.datetime.fromisoformat(raw.strip())
+            except ValueError:
+                continue
+        else:
+            continue
+        if when.tzinfo is None:
+            return when.replace(tzinfo=dt.UTC)
+        return when.astimezone(dt.UTC)
+    return None
+
+
+def _time(item: pystac.Item) -> dt.datetime | None:
+    """:func:`item_time` of a pystac Item (which keeps ``datetime`` out of its properties)."""
+    start = item.properties.get("start_datetime")
+    return item_time({"datetime": item.datetime, "start_datetime": start})
+
+
 def filter_items(
     items: Sequence[pystac.Item],
     *,
@@ -165,8 +203,8 @@ def filter_items(
     """
     kept, skipped = [], {"month": 0, "cloud_cover": 0, "missing_asset": 0}
     for it in items:
-        dt = it.datetime or it.common_metadata.start_datetime
-        if months and dt is not None and dt.month not in months:
+        when = _time(it)
+        if months and when is not None and when.month not in months:
             skipped["month"] += 1
             continue
         cc = it.properties.get("eo:cloud_cover")
@@ -179,6 +217,9 @@ def filter_items(
         kept.append(it)
     return kept, {k: v for k, v in skipped.items() if v}
 
+
+#: Sorts items without any date first.
+_NO_TIME = dt.datetime.min.replace(tzinfo=dt.UTC)
 
 #: The most items the whole-region search (:func:`search_source`) reads; the per-tile
 #: search (:mod:`popdask.catalog`) has no such cap, since a tile's bbox bounds it.
@@ -265,7 +306,7 @@ def _per_footprint(
         skipped["over_max_items"] = choice.dropped
     keep = {(d.get("collection"), d["id"]) for d in choice.items}
     out = [it for it in items if (it.collection_id, it.id) in keep]
-    out.sort(key=lambda it: (it.datetime.isoformat() if it.datetime else "", it.id))
+    out.sort(key=lambda it: (_time(it) or _NO_TIME, it.id))
     return out
 
 
@@ -360,8 +401,10 @@ def scale_offset(
 
 
 def day_groups(items: Sequence[pystac.Item]) -> np.ndarray:
-    """Index of the acquisition day of each item (granules of one day share it)."""
-    days = [(it.datetime.date().isoformat() if it.datetime else it.id) for it in items]
+    """Index of the acquisition day (UTC) of each item (granules of one day share it);
+    an item without any date is a day of its own."""
+    times = [_time(it) for it in items]
+    days = [(t.date().isoformat() if t else it.id) for t, it in zip(times, items, strict=True)]
     _, idx = np.unique(np.asarray(days), return_inverse=True)
     return idx.astype(np.int64)
 
