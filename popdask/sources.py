@@ -572,7 +572,8 @@ def items_composite(
     tile's (searched per tile, :mod:`popdask.catalog`, or cut from a region's search). A
     source without items gives NaN bands. Hrefs are not signed here: with ``sign`` (or a
     source's own ``sign``) the reader signs each href inside its read task, so tokens never
-    expire between graph and read.
+    expire between graph and read. Each Sentinel-2 item's offset is checked against its
+    pixels and corrected where they say it is wrong (see :func:`build_composite`).
 
     Returns
     -------
@@ -583,21 +584,61 @@ def items_composite(
     n_items
         Items used per source.
     """
+    c = build_composite(parts, bounds, resolution=resolution, sign=sign, read=read)
+    return c.data, c.bands, c.kinds, c.n_items
+
+
+@dataclass
+class LazyComposite:
+    """One tile's lazy composite (:func:`build_composite`); nothing is read yet."""
+
+    data: da.Array  # (band, y, x) float32, one chunk
+    bands: list[str]
+    kinds: list[str]
+    n_items: dict[str, int]
+    #: Per checked source, ``(item, 7)`` rows of :func:`popdask.composite.offset_checks`
+    #: for its items in order (computed with ``data``, they share its reads).
+    checks: dict[str, da.Array] = field(default_factory=dict)
+
+
+#: Bands whose darkest clear pixels judge a Sentinel-2 item's offset, in order of preference
+#: (blue: water, shadow and forest are darkest there, haze aside).
+CHECK_BANDS = ("B02", "B03", "B04")
+
+
+def build_composite(
+    parts: Sequence[tuple[str, SourceConfig, Sequence[pystac.Item]]],
+    bounds: Sequence[float],
+    *,
+    resolution: float,
+    sign: str | None = None,
+    read: ReadConfig | None = None,
+) -> LazyComposite:
+    """:func:`items_composite`, with the offset checks of each Sentinel-2 item.
+
+    The offset each Sentinel-2 item gets from its metadata (:func:`scale_offset`) is
+    checked against its own clear pixels of the first of :data:`CHECK_BANDS` the source
+    composites (:func:`popdask.composite.offset_checks`), inside the same task as the
+    median, and corrected by ±0.1 where they clearly contradict it. The evidence comes back
+    in ``checks`` (lazy); a source without a visible band is not checked.
+    """
     nx = round((bounds[2] - bounds[0]) / resolution)
     ny = round((bounds[3] - bounds[1]) / resolution)
-    out, bands, kinds, n_items = [], [], [], {}
+    arrays, bands, kinds, n_items, checks = [], [], [], {}, {}
     for name, cfg, items in parts:
         n_items[name] = len(items)
-        names = cfg.bands
-        bands += names
-        kinds += [ROLES[name]] * len(names)
+        bands += cfg.bands
+        kinds += [ROLES[name]] * len(cfg.bands)
         if not items:
-            out.append(da.full((len(names), ny, nx), np.nan, dtype=np.float32, chunks=-1))
+            arrays.append(da.full((len(cfg.bands), ny, nx), np.nan, dtype=np.float32, chunks=-1))
             continue
-        out.append(
-            _source_composite(name, cfg, items, bounds, resolution=resolution, sign=sign, read=read)
+        data, check = _source_composite(
+            name, cfg, items, bounds, resolution=resolution, sign=sign, read=read
         )
-    return da.concatenate(out, axis=0), bands, kinds, n_items
+        arrays.append(data)
+        if check is not None:
+            checks[name] = check
+    return LazyComposite(da.concatenate(arrays, axis=0), bands, kinds, n_items, checks)
 
 
 def _source_composite(
@@ -609,8 +650,9 @@ def _source_composite(
     resolution: float,
     sign: str | None,
     read: ReadConfig | None,
-) -> da.Array:
-    """Lazy ``(band, y, x)`` composite of one source's items (at least one) on ``bounds``."""
+) -> tuple[da.Array, da.Array | None]:
+    """Lazy ``(band, y, x)`` composite of one source's items (at least one) on ``bounds``,
+    and for Sentinel-2 the lazy offset checks of its items (None when not checked)."""
     nx = round((bounds[2] - bounds[0]) / resolution)
     ny = round((bounds[3] - bounds[1]) / resolution)
     names = cfg.bands
@@ -631,25 +673,63 @@ def _source_composite(
     )
     groups = day_groups(items)
     scale, offset = scale_offset(items, assets, name=name, scale=cfg.scale)
-    if name == "sentinel2":
-        kernel, kw = (
-            comp.optical_composite,
-            {
-                "scale": scale,
-                "offset": offset,
-                "mask_band": len(names) if cfg.mask_asset else None,
-                "mask_values": tuple(cfg.mask_values),
-            },
-        )
-    else:
+    if name != "sentinel2":
         kernel = comp.radar_composite if name == "sentinel1" else comp.median_composite
-        kw = {"scale": scale, "offset": offset}
-    return stack.data.map_blocks(
-        kernel,
-        groups=groups,
-        **kw,
-        drop_axis=0,
-        chunks=(len(names), ny, nx),
+        data = stack.data.map_blocks(
+            kernel,
+            groups=groups,
+            scale=scale,
+            offset=offset,
+            drop_axis=0,
+            chunks=(len(names), ny, nx),
+            dtype=np.float32,
+            meta=np.empty((0, 0, 0), np.float32),
+        )
+        return data, None
+    mask = {
+        "mask_band": len(names) if cfg.mask_asset else None,
+        "mask_values": tuple(cfg.mask_values),
+    }
+    check = next((names.index(b) for b in CHECK_BANDS if b in names), None)
+    if check is None:
+        data = stack.data.map_blocks(
+            comp.optical_composite,
+            groups=groups,
+            scale=scale,
+            offset=offset,
+            **mask,
+            drop_axis=0,
+            chunks=(len(names), ny, nx),
+            dtype=np.float32,
+            meta=np.empty((0, 0, 0), np.float32),
+        )
+        return data, None
+    checks = stack.data.map_blocks(
+        comp.offset_checks,
+        scale=scale,
+        offset=offset,
+        band=check,
+        step_dn=-S2_BOA_ADD_OFFSET,
+        **mask,
+        drop_axis=[2, 3],
+        chunks=((len(items),), (len(comp.OFFSET_COLUMNS),)),
+        dtype=np.float64,
+        meta=np.empty((0, 0), np.float64),
+    )
+    data = da.blockwise(
+        comp.checked_optical_composite,
+        "cyx",
+        stack.data,
+        "tbyx",
+        checks,
+        "tk",
+        new_axes={"c": len(names)},
+        concatenate=True,
         dtype=np.float32,
         meta=np.empty((0, 0, 0), np.float32),
+        groups=groups,
+        scale=scale,
+        offset=offset,
+        **mask,
     )
+    return data, checks

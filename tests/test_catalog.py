@@ -684,3 +684,141 @@ def test_store_with_records_opens_and_consolidates_quietly(tmp_path):
         assert list(store.open_store(path).data_vars) == ["a"]
         store.consolidate(path)
     assert load_tile_items(path, "sentinel2", "N1E1").items == []
+
+
+# --------------------------------------------------------------------------------------
+# Offsets the metadata lies about, found from the pixels
+# --------------------------------------------------------------------------------------
+def _truth(seed: int, n: int = 150) -> np.ndarray:
+    """Blue and red surface reflectance of a land tile, ``(2, n, n)``: water, forest,
+    fields and a town in patches, with texture."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:n, 0:n] / n
+    kind = np.digitize(np.sin(7 * xx + 3 * yy) + np.cos(5 * yy - 2 * xx), [-1.3, 0.0, 1.0])
+    lo = np.array([[0.01, 0.015, 0.03, 0.06], [0.01, 0.02, 0.05, 0.08]])  # blue, red
+    hi = np.array([[0.03, 0.035, 0.07, 0.13], [0.03, 0.04, 0.10, 0.15]])
+    u = rng.uniform(size=(n, n))
+    return (lo[:, kind] + u * (hi - lo)[:, kind]).astype(np.float32)
+
+
+def _lying_items(root: Path, tile, lie: str, truth: np.ndarray) -> list[dict]:
+    """Three Earth-Search-like items of ``tile``: one honest (raw DNs of baseline 05.00,
+    offset −0.1 in raster:bands, flag false) and two whose metadata lies: ``"applied"``
+    holds harmonised DNs (offset already removed) but says it is not; ``"raw"`` holds raw
+    DNs but says the offset was applied."""
+    import rasterio
+
+    n = truth.shape[-1]
+    transform = from_bounds(*tile, n, n)
+    w, s, e, nn = TO_LL.transform_bounds(*tile, densify_pts=21)
+    out = []
+    for k, kind in enumerate(["honest", lie, lie]):
+        harmonised = kind == "applied"
+        iid = f"S2X_{lie}_{k}"
+        rng = np.random.default_rng(k)
+        refl = truth + rng.uniform(-0.002, 0.002, truth.shape).astype(np.float32)
+        assets = {}
+        for key, band in [("blue", refl[0]), ("red", refl[1]), ("scl", None)]:
+            if band is None:
+                data = np.full((n, n), 4, np.uint8)  # vegetation: clear everywhere
+            else:
+                data = np.round(band * 10000 + (0 if harmonised else 1000)).astype(np.uint16)
+            path = root / f"{iid}_{key}.tif"
+            with rasterio.open(
+                path, "w", driver="GTiff", width=n, height=n, count=1, dtype=data.dtype,
+                crs="EPSG:3035", transform=transform, nodata=0,
+            ) as dst:  # fmt: skip
+                dst.write(data, 1)
+            rb = {"nodata": 0}
+            if band is not None:
+                rb |= {"scale": 0.0001, "offset": -0.1}
+            assets[key] = {
+                "href": str(path),
+                "type": "image/tiff; application=geotiff; profile=cloud-optimized",
+                "proj:shape": [n, n],
+                "proj:transform": list(transform)[:6],
+                "raster:bands": [rb],
+            }
+        props = {
+            "grid:code": f"MGRS-{lie}",
+            "proj:epsg": 3035,
+            "s2:processing_baseline": "05.00",
+            # the lie: "applied" says false, "raw" says true
+            "earthsearch:boa_offset_applied": kind == "raw",
+        }
+        when = dt.datetime(2023, 7, 10 + 5 * k, 10, 30)
+        d = item(iid, when, (w, s, e, nn), cloud=1.0, collection="sentinel-2-l2a", **props)
+        d["assets"] = assets
+        out.append(d)
+    return out
+
+
+LIE_TILES = {
+    "applied": (4321000, 3210000, 4324000, 3213000),
+    "raw": (4421000, 3210000, 4424000, 3213000),
+}
+
+
+@pytest.fixture(scope="module")
+def lying_api(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lies")
+    items, truths = [], {}
+    for seed, (lie, tile) in enumerate(LIE_TILES.items()):
+        truths[lie] = _truth(seed)
+        items += _lying_items(root, tile, lie, truths[lie])
+    with serve(root, items, collection="sentinel-2-l2a") as server:
+        yield server.url, truths
+
+
+@pytest.mark.parametrize("lie", list(LIE_TILES))
+def test_offsets_the_metadata_lies_about_are_corrected_from_the_pixels(
+    lying_api, tmp_path, lie, monkeypatch
+):
+    from popdask import composite as comp
+
+    url, truths = lying_api
+    es = SourceConfig(
+        collection="sentinel-2-l2a",
+        datetime="2023-06-01/2023-08-31",
+        assets=["blue", "red"],
+        mask_asset="scl",
+        rename={"blue": "B02", "red": "B04", "scl": "SCL"},
+    )
+    # the truth the median should find: per pixel, the median of the three dates' surfaces
+    n = truths[lie].shape[-1]
+    true = np.median(
+        [
+            truths[lie] + np.random.default_rng(k).uniform(-0.002, 0.002, (2, n, n))
+            for k in range(3)
+        ],
+        axis=0,
+    )
+    src = [Source("sentinel2", es, url)]
+    tile, tid = LIE_TILES[lie], f"N3210E{LIE_TILES[lie][0] // 1000}"
+    path = str(tmp_path / "out.zarr")
+    data, summary = composite_tile(src, tile, tile_id=tid, resolution=20, path=path)
+    err = float(np.abs(data - true).max())
+    # the same without the check (no item has enough pixels to be judged)
+    monkeypatch.setattr(comp, "OFFSET_MIN_PIXELS", 10**9)
+    blind, _ = composite_tile(src, tile, tile_id=tid, resolution=20, path=str(tmp_path / "b"))
+    blind_err = float(np.abs(blind - true).max())
+    print(f"\n{lie}: composite error {err:.5f} with the check, {blind_err:.5f} without")
+    assert err <= 0.005
+    assert blind_err > 0.09  # what the metadata alone gives
+    # recorded: in the summary and in the header of the tile's record
+    check = summary["offset_check"]["sentinel2"]
+    fixed = {it["id"]: it for it in check["corrected"]}
+    assert sorted(fixed) == [f"S2X_{lie}_1", f"S2X_{lie}_2"] and check["checked"] == 3
+    want = ("offset_doubled", -0.1, 0.0) if lie == "applied" else ("offset_missing", 0.0, -0.1)
+    for it in fixed.values():
+        assert (it["reason"], it["offset"], it["applied"]) == want
+        assert it["pixels"] == n * n
+    header = read_tile_summary(path, "sentinel2", tid)["offset_check"]
+    assert header["band"] == "B02"
+    by_id = {it["id"]: it for it in header["items"]}
+    assert by_id[f"S2X_{lie}_0"]["reason"] == "ok"
+    assert {k: by_id[k] for k in fixed} == fixed
+    if lie == "raw":
+        assert all(by_id[k]["dark"] >= 0.1 for k in fixed)  # ~0.1 too bright
+    else:
+        assert all(by_id[k]["negative"] > 0.9 for k in fixed)  # almost all below 0
