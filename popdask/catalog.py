@@ -662,6 +662,28 @@ def offset_summary(check: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def offset_corrections(
+    path: str,
+    tile_ids: Sequence[str],
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    source: str = "sentinel2",
+    threads: int = 16,
+) -> dict[str, list[dict[str, Any]]]:
+    """The items whose offset was corrected, per tile, from the headers of the tiles'
+    records (:func:`read_tile_summary`: the start of each object only, read ``threads`` at
+    a time). Tiles without a record or without a correction are left out."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def corrected(tile_id: str) -> list[dict[str, Any]]:
+        header = read_tile_summary(path, source, tile_id, storage_options) or {}
+        return offset_summary(header.get("offset_check", {}))["corrected"]
+
+    with ThreadPoolExecutor(max(1, min(threads, len(tile_ids)))) as pool:
+        found = zip(tile_ids, pool.map(corrected, tile_ids), strict=True)
+        return {tile_id: items for tile_id, items in found if items}
+
+
 def _warn_corrected(tile_id: str, source: str, summary: Mapping[str, Any]) -> None:
     """One warning per tile and source naming the items whose offset was corrected."""
     fixed = summary["corrected"]

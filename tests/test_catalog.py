@@ -772,8 +772,9 @@ def lying_api(tmp_path_factory):
 
 @pytest.mark.parametrize("lie", list(LIE_TILES))
 def test_offsets_the_metadata_lies_about_are_corrected_from_the_pixels(
-    lying_api, tmp_path, lie, monkeypatch
+    lying_api, tmp_path, lie, monkeypatch, capsys
 ):
+    from popdask import cli
     from popdask import composite as comp
 
     url, truths = lying_api
@@ -822,3 +823,9 @@ def test_offsets_the_metadata_lies_about_are_corrected_from_the_pixels(
         assert all(by_id[k]["dark"] >= 0.1 for k in fixed)  # ~0.1 too bright
     else:
         assert all(by_id[k]["negative"] > 0.9 for k in fixed)  # almost all below 0
+    # popdask status lists them, from the records' headers (a tile without one is skipped)
+    capsys.readouterr()
+    cli._print_offsets(path, {}, [tid, "N0E0"])
+    out = capsys.readouterr().out
+    assert "2 Sentinel-2 items in 1 tiles had their offset corrected" in out
+    assert f"{tid} S2X_{lie}_1: " in out and want[0] in out
