@@ -40,7 +40,9 @@ from popdask.sources import (
     CHECK_BANDS,
     SourceError,
     _conforms,
+    asset_drift,
     build_composite,
+    drift_message,
     filter_items,
     item_bounds_3035,
     item_time,
@@ -91,6 +93,8 @@ class TileItems:
     skipped: dict[str, int] = field(default_factory=dict)
     groups: dict[str, dict[str, int]] = field(default_factory=dict)
     query: dict[str, Any] = field(default_factory=dict)
+    #: Items lacking configured asset keys, and what they have (:func:`asset_drift`).
+    missing_assets: dict[str, Any] = field(default_factory=dict)
     #: The offset of each item checked against its pixels (:func:`offset_record`), once
     #: the tile has been composited; empty before, and for sources that are not checked.
     offset_check: dict[str, Any] = field(default_factory=dict)
@@ -101,12 +105,15 @@ class TileItems:
 
     def summary(self) -> dict[str, Any]:
         """The counts, JSON-ready (found, kept, skipped by reason, per footprint)."""
-        return {
+        out = {
             "found": self.found,
             "kept": self.kept,
             "skipped": dict(self.skipped),
             "groups": {k: dict(v) for k, v in self.groups.items()},
         }
+        if self.missing_assets:
+            out["missing_assets"] = dict(self.missing_assets)
+        return out
 
     def pystac_items(self) -> list[pystac.Item]:
         """The items as :class:`pystac.Item` (what the loaders take)."""
@@ -381,7 +388,8 @@ def tile_items(
     if choice.dropped:
         skipped["over_max_items"] = choice.dropped
     query = query_of(Source(name, cfg, url))
-    return TileItems(name, choice.items, len(raw), skipped, choice.groups, query)
+    drift = asset_drift(raw, _assets(cfg)) or {}
+    return TileItems(name, choice.items, len(raw), skipped, choice.groups, query, drift)
 
 
 def _intersects(b: np.ndarray, bounds: Sequence[float]) -> np.ndarray:
@@ -424,6 +432,7 @@ def probe_source(
             f"sources.{name}.collection and the API"
         ) from e
     if first is not None:
+        _check_assets(client, name, cfg, first, url=url, bbox_lonlat=bbox_lonlat)
         return first
     if not _has_collection(client, cfg.collection):
         raise SourceError(
@@ -434,6 +443,34 @@ def probe_source(
         f"{where}: no item over the region for datetime {cfg.datetime}; check "
         f"sources.{name}.datetime and the region"
     )
+
+
+def _check_assets(
+    client, name: str, cfg: SourceConfig, first: dict, *, url: str, bbox_lonlat
+) -> None:
+    """Whether the probed item has the configured asset keys; if not, one more page of
+    items is looked at: none with them fails the source (catalog drift, e.g. the 2021
+    ``SCL-20m`` keys), some warns with the counts."""
+    assets = _assets(cfg)
+    if asset_drift([first], assets) is None:
+        return
+    try:
+        page = list(
+            client.search(
+                collections=[cfg.collection],
+                bbox=list(bbox_lonlat),
+                datetime=cfg.datetime,
+                limit=PAGE_LIMIT,
+                max_items=PAGE_LIMIT,
+            ).items_as_dicts()
+        )
+    except Exception:  # the probe found an item: judge by it alone
+        page = [first]
+    drift = asset_drift(page, assets)
+    msg = drift_message(name, cfg.collection, drift, of=len(page))
+    if drift["items"] == len(page):
+        raise SourceError(f"{msg} (at {url}; none of the first {len(page)} items has them)")
+    log.warning("%s; those items are skipped", msg)
 
 
 def _has_collection(client, collection: str) -> bool:
@@ -497,6 +534,7 @@ def load_tile_items(
         header.get("skipped", {}),
         header.get("groups", {}),
         header.get("query", {}),
+        header.get("missing_assets", {}),
         header.get("offset_check", {}),
     )
 
@@ -598,6 +636,11 @@ def composite_tile(
         )
         counts[src.name] = items.summary()
         records[src.name] = items
+        if items.missing_assets:  # once per tile and source, with the counts
+            msg = drift_message(
+                src.name, src.config.collection, items.missing_assets, of=items.found
+            )
+            log.warning("%s %s", tile_id, msg)
         parts.append((src.name, src.config, items.pystac_items()))
     no_scene = any(name == "sentinel2" and not its for name, _, its in parts)
     if no_scene:  # no reflectance: the tile has no pixel to label, read nothing else

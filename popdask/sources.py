@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -216,6 +217,84 @@ def filter_items(
             continue
         kept.append(it)
     return kept, {k: v for k, v in skipped.items() if v}
+
+
+#: Asset keys with a resolution suffix (``SCL-20m``, ``B02_20m``): the Planetary Computer's
+#: 2021 layout of ``sentinel-2-l2a``, replaced since by plain band keys.
+_SUFFIXED = re.compile(r"^[A-Za-z0-9]+[-_]\d+m$")
+
+
+def asset_drift(items: Sequence[Mapping], assets: Sequence[str]) -> dict | None:
+    """What the items lacking some of ``assets`` have instead (pure; item dicts in).
+
+    Returns None when every item has every key; else ``{"items": n, "missing": {key:
+    items}, "has": [keys of those items that hold data, sorted], "similar": {key: [their
+    keys that look like it]}, "generation": a sentence or None}``, for one message naming
+    what is missing and what is there (:func:`drift_message`).
+    """
+    from popdask.presets import EARTH_SEARCH_S2
+
+    lacking = [d for d in items if any(a not in (d.get("assets") or {}) for a in assets)]
+    if not lacking:
+        return None
+    missing: dict[str, int] = {}
+    has: set[str] = set()
+    for d in lacking:
+        keys = d.get("assets") or {}
+        for a in assets:
+            if a not in keys:
+                missing[a] = missing.get(a, 0) + 1
+        has |= {k for k, v in keys.items() if "data" in (v.get("roles") or ["data"])}
+    es_key = {band: key for key, band in EARTH_SEARCH_S2.items()}
+    similar = {}
+    for a in missing:
+        like = [
+            k
+            for k in sorted(has)
+            if not k.endswith("-jp2")  # JPEG 2000 twins in requester-pays buckets: never
+            and (
+                k.lower() == a.lower()
+                or re.match(rf"{re.escape(a)}[-_]", k, re.IGNORECASE)
+                or k in (EARTH_SEARCH_S2.get(a), es_key.get(a))
+            )
+        ]
+        if like:
+            similar[a] = like
+    near = [k for ks in similar.values() for k in ks]
+    suffixed = [k for k in [*near, *sorted(has)] if _SUFFIXED.match(k)]
+    generation = None
+    if suffixed:
+        shown = ", ".join(repr(k) for k in dict.fromkeys(suffixed[:3]))
+        generation = (
+            f"keys with a resolution suffix ({shown}) are the Planetary Computer's 2021 layout"
+        )
+    elif any(es_key.get(a) in has for a in missing):
+        generation = "their keys are Earth Search's band names (its preset renames them)"
+    return {
+        "items": len(lacking),
+        "missing": missing,
+        "has": sorted(has),
+        "similar": similar,
+        "generation": generation,
+    }
+
+
+def drift_message(name: str, collection: str, drift: Mapping, *, of: int) -> str:
+    """One line: how many of ``of`` items lack which configured keys, what they have, and
+    the fix (``drift`` from :func:`asset_drift`)."""
+    lack = ", ".join(
+        f"{k!r} ({n})"
+        + (f", like {', '.join(map(repr, drift['similar'][k]))}" if k in drift["similar"] else "")
+        for k, n in drift["missing"].items()
+    )
+    has = drift["has"]
+    shown = ", ".join(has[:12]) + (f" and {len(has) - 12} more" if len(has) > 12 else "")
+    why = f"; {drift['generation']}" if drift.get("generation") else ""
+    return (
+        f"sources.{name}: {drift['items']} of {of} items of collection {collection!r} lack "
+        f"asset {lack}; they have {shown}{why}; set sources.{name}.assets/mask_asset (or "
+        "rename) to the catalog's current keys, or use its preset"
+    )
 
 
 #: Sorts items without any date first.

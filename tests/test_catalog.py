@@ -829,3 +829,82 @@ def test_offsets_the_metadata_lies_about_are_corrected_from_the_pixels(
     out = capsys.readouterr().out
     assert "2 Sentinel-2 items in 1 tiles had their offset corrected" in out
     assert f"{tid} S2X_{lie}_1: " in out and want[0] in out
+
+
+# --------------------------------------------------------------------------------------
+# Catalog drift: items whose asset keys are another generation's
+# --------------------------------------------------------------------------------------
+PC_2021 = "recorded-2021-06_S2A_MSIL2A_20190101T000001_N0212_R116_T59ULV_20201007T214655.SAFE"
+PC_2024 = "S2B_MSIL2A_20240825T173909_R098_T13TDE_20240825T215747"
+PC_S2 = SourceConfig(  # the planetary-computer preset's Sentinel-2 keys
+    collection="sentinel-2-l2a",
+    datetime="2019-01-01/2024-12-31",
+    assets=["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12"],
+    mask_asset="SCL",
+)
+
+
+def _moved(stem: str, iid: str) -> dict:
+    """A recorded Planetary Computer item as it came, but for its id and its footprint,
+    moved onto granule A (its asset keys are what the test is about)."""
+    d = json.loads(
+        (REALSTAC / "planetary-computer" / "sentinel-2-l2a" / f"{stem}.json").read_text()
+    )
+    d.update(id=iid, stac_version="1.0.0", bbox=list(FOOT_A), geometry=polygon(FOOT_A))
+    d["links"] = []
+    return d
+
+
+@pytest.fixture(scope="module")
+def drift_apis(tmp_path_factory):
+    if not REALSTAC.is_dir():
+        pytest.skip(f"{REALSTAC} is absent (../shared beside the repository)")
+    old = [_moved(PC_2021, f"old{i}") for i in range(3)]
+    mixed = [*old, _moved(PC_2024, "new0")]
+    roots = [tmp_path_factory.mktemp("drift-old"), tmp_path_factory.mktemp("drift-mixed")]
+    with (
+        serve(roots[0], old, "sentinel-2-l2a") as a,
+        serve(roots[1], mixed, "sentinel-2-l2a") as b,
+    ):
+        yield a.url, b.url
+
+
+def test_items_of_another_catalog_generation_are_skipped_counted_and_named(
+    drift_apis, tmp_path, caplog
+):
+    old_api, mixed_api = drift_apis
+    got = tile_items("sentinel2", PC_S2, url=mixed_api, bounds_3035=TILE_A)
+    assert [d["id"] for d in got.items] == ["new0"]
+    assert got.skipped == {"missing_asset": 3}
+    drift = got.summary()["missing_assets"]
+    assert drift["items"] == 3 and drift["missing"] == {"SCL": 3}
+    assert drift["similar"] == {"SCL": ["SCL-20m", "SCL-60m"]}
+    assert "2021 layout" in drift["generation"]
+    # a tile with only such items: no usable scene, one warning naming key, keys and fix
+    src = [Source("sentinel2", PC_S2, old_api)]
+    path = str(tmp_path / "out.zarr")
+    with caplog.at_level("WARNING", logger="popdask.catalog"):
+        data, summary = composite_tile(src, TILE_A, tile_id="T1", resolution=20, path=path)
+    assert summary["no_usable_scene"] is True and np.isnan(data).all()
+    assert summary["sources"]["sentinel2"]["missing_assets"]["missing"] == {"SCL": 3}
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert msg.startswith("T1 sources.sentinel2: 3 of 3 items of collection 'sentinel-2-l2a'")
+    assert "lack asset 'SCL' (3), like 'SCL-20m', 'SCL-60m'" in msg and "B02_20m" in msg
+    assert "set sources.sentinel2.assets/mask_asset" in msg and "\n" not in msg
+    assert read_tile_summary(path, "sentinel2", "T1")["missing_assets"]["items"] == 3
+
+
+def test_probe_fails_a_source_whose_items_all_lack_its_keys(drift_apis, caplog):
+    old_api, mixed_api = drift_apis
+    bbox = TO_LL.transform_bounds(*TILE_A)
+    with pytest.raises(SourceError) as e:
+        probe_source("sentinel2", PC_S2, url=old_api, bbox_lonlat=bbox)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("sources.sentinel2: 3 of 3 items of collection")
+    assert "'SCL' (3), like 'SCL-20m'" in msg and "2021 layout" in msg
+    assert "set sources.sentinel2.assets/mask_asset" in msg and old_api in msg
+    # some items have the keys: the source is usable, the others are named in a warning
+    with caplog.at_level("WARNING", logger="popdask.catalog"):
+        first = probe_source("sentinel2", PC_S2, url=mixed_api, bbox_lonlat=bbox)
+    assert first["id"] == "old0"  # the probed item lacks them: one more page is looked at
+    assert "sources.sentinel2: 3 of 4 items" in caplog.text

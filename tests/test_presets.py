@@ -332,6 +332,16 @@ def test_real_items_of_one_catalog_lack_the_other_catalogs_keys():
     pc_keys, es_keys = preset_assets("planetary-computer"), preset_assets("earth-search")
     assert filter_items(es_s2(), assets=pc_keys)[1] == {"missing_asset": 2}
     assert filter_items(pc_s2(), assets=es_keys)[1] == {"missing_asset": 5}
+    # what the skipped items have instead, in the message (never a -jp2 twin as a match)
+    from popdask.sources import asset_drift, drift_message
+
+    es = [it.to_dict(include_self_link=False, transform_hrefs=False) for it in es_s2()]
+    drift = asset_drift(es, pc_keys)
+    assert drift["similar"]["B04"] == ["red"] and drift["similar"]["SCL"] == ["scl"]
+    msg = drift_message("sentinel2", "sentinel-2-l2a", drift, of=2)
+    assert "2 of 2 items" in msg and "lack asset 'B01' (2), like 'coastal'" in msg
+    assert "Earth Search's band names" in msg and "\n" not in msg
+    assert asset_drift(es, es_keys) is None
 
 
 @needs_realstac
