@@ -27,19 +27,25 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import dask
 import numpy as np
 import pystac
 from pyproj import Transformer
 
 from popdask import chunkio
+from popdask import composite as comp
 from popdask.config import Config, ReadConfig, SourceConfig
 from popdask.grid import EPSG
 from popdask.sources import (
+    CHECK_BANDS,
     SourceError,
     _conforms,
+    asset_drift,
+    build_composite,
+    drift_message,
     filter_items,
     item_bounds_3035,
-    items_composite,
+    item_time,
     open_catalog,
 )
 
@@ -87,6 +93,11 @@ class TileItems:
     skipped: dict[str, int] = field(default_factory=dict)
     groups: dict[str, dict[str, int]] = field(default_factory=dict)
     query: dict[str, Any] = field(default_factory=dict)
+    #: Items lacking configured asset keys, and what they have (:func:`asset_drift`).
+    missing_assets: dict[str, Any] = field(default_factory=dict)
+    #: The offset of each item checked against its pixels (:func:`offset_record`), once
+    #: the tile has been composited; empty before, and for sources that are not checked.
+    offset_check: dict[str, Any] = field(default_factory=dict)
 
     @property
     def kept(self) -> int:
@@ -94,12 +105,15 @@ class TileItems:
 
     def summary(self) -> dict[str, Any]:
         """The counts, JSON-ready (found, kept, skipped by reason, per footprint)."""
-        return {
+        out = {
             "found": self.found,
             "kept": self.kept,
             "skipped": dict(self.skipped),
             "groups": {k: dict(v) for k, v in self.groups.items()},
         }
+        if self.missing_assets:
+            out["missing_assets"] = dict(self.missing_assets)
+        return out
 
     def pystac_items(self) -> list[pystac.Item]:
         """The items as :class:`pystac.Item` (what the loaders take)."""
@@ -171,8 +185,10 @@ def _positions(coords):
 
 
 def _when(item: Mapping[str, Any]) -> str:
-    p = item.get("properties") or {}
-    return str(p.get("datetime") or p.get("start_datetime") or "")
+    """The item's acquisition time as a UTC ``YYYY-MM-DDTHH:MM:SS.ffffff`` string (it sorts
+    as the times do, and its first 10 characters are the UTC day); "" without a date."""
+    when = item_time(item.get("properties") or {})
+    return when.strftime("%Y-%m-%dT%H:%M:%S.%f") if when else ""
 
 
 def _cloud(item: Mapping[str, Any]) -> float:
@@ -372,7 +388,8 @@ def tile_items(
     if choice.dropped:
         skipped["over_max_items"] = choice.dropped
     query = query_of(Source(name, cfg, url))
-    return TileItems(name, choice.items, len(raw), skipped, choice.groups, query)
+    drift = asset_drift(raw, _assets(cfg)) or {}
+    return TileItems(name, choice.items, len(raw), skipped, choice.groups, query, drift)
 
 
 def _intersects(b: np.ndarray, bounds: Sequence[float]) -> np.ndarray:
@@ -415,6 +432,7 @@ def probe_source(
             f"sources.{name}.collection and the API"
         ) from e
     if first is not None:
+        _check_assets(client, name, cfg, first, url=url, bbox_lonlat=bbox_lonlat)
         return first
     if not _has_collection(client, cfg.collection):
         raise SourceError(
@@ -425,6 +443,34 @@ def probe_source(
         f"{where}: no item over the region for datetime {cfg.datetime}; check "
         f"sources.{name}.datetime and the region"
     )
+
+
+def _check_assets(
+    client, name: str, cfg: SourceConfig, first: dict, *, url: str, bbox_lonlat
+) -> None:
+    """Whether the probed item has the configured asset keys; if not, one more page of
+    items is looked at: none with them fails the source (catalog drift, e.g. the 2021
+    ``SCL-20m`` keys), some warns with the counts."""
+    assets = _assets(cfg)
+    if asset_drift([first], assets) is None:
+        return
+    try:
+        page = list(
+            client.search(
+                collections=[cfg.collection],
+                bbox=list(bbox_lonlat),
+                datetime=cfg.datetime,
+                limit=PAGE_LIMIT,
+                max_items=PAGE_LIMIT,
+            ).items_as_dicts()
+        )
+    except Exception:  # the probe found an item: judge by it alone
+        page = [first]
+    drift = asset_drift(page, assets)
+    msg = drift_message(name, cfg.collection, drift, of=len(page))
+    if drift["items"] == len(page):
+        raise SourceError(f"{msg} (at {url}; none of the first {len(page)} items has them)")
+    log.warning("%s; those items are skipped", msg)
 
 
 def _has_collection(client, collection: str) -> bool:
@@ -460,6 +506,7 @@ def write_tile_items(
         "tile": tile_id,
         "query": items.query,
         **items.summary(),
+        **({"offset_check": items.offset_check} if items.offset_check else {}),
     }
     lines = [json.dumps(header, separators=(",", ":"))]
     lines += [json.dumps(d, separators=(",", ":")) for d in items.items]
@@ -487,6 +534,8 @@ def load_tile_items(
         header.get("skipped", {}),
         header.get("groups", {}),
         header.get("query", {}),
+        header.get("missing_assets", {}),
+        header.get("offset_check", {}),
     )
 
 
@@ -562,8 +611,11 @@ def composite_tile(
 
     For each source: the recorded items if any, else a search of the tile, chosen and
     recorded (:func:`tile_items_recorded`); then the masked medians of
-    :func:`popdask.sources.items_composite`, computed synchronously (the tile is one chunk).
-    Hrefs are signed inside the reads (``sign``).
+    :func:`popdask.sources.build_composite`, computed synchronously (the tile is one chunk).
+    Hrefs are signed inside the reads (``sign``). Each Sentinel-2 item's offset is checked
+    against its own pixels in the same pass (corrected where they clearly contradict the
+    metadata); the evidence of every item goes into the header of the tile's record
+    (``offset_check``, rewritten only when it changed) and a warning names the corrected.
 
     Returns
     -------
@@ -571,20 +623,130 @@ def composite_tile(
         ``(band, y, x)`` float32 NumPy array, bands in source order (each source's
         ``config.bands``); NaN where a source has no item.
     summary
-        ``{"sources": {name: {found, kept, skipped, groups}}, "no_usable_scene": bool}``;
+        ``{"sources": {name: {found, kept, skipped, groups}}, "no_usable_scene": bool,
+        "offset_check": {name: {checked, too_few_pixels, corrected, implausible}}}``;
         ``no_usable_scene`` is true when Sentinel-2 has no usable item, so the whole tile is
-        NaN and the pipeline records it as such rather than as done.
+        NaN and the pipeline records it as such rather than as done; ``offset_check``
+        (:func:`offset_summary`) lists the items whose offset was corrected.
     """
-    parts, counts = [], {}
+    parts, counts, records = [], {}, {}
     for src in sources:
         items = tile_items_recorded(
             src, bounds, tile_id=tile_id, path=path, storage_options=storage_options
         )
         counts[src.name] = items.summary()
+        records[src.name] = items
+        if items.missing_assets:  # once per tile and source, with the counts
+            msg = drift_message(
+                src.name, src.config.collection, items.missing_assets, of=items.found
+            )
+            log.warning("%s %s", tile_id, msg)
         parts.append((src.name, src.config, items.pystac_items()))
     no_scene = any(name == "sentinel2" and not its for name, _, its in parts)
     if no_scene:  # no reflectance: the tile has no pixel to label, read nothing else
         parts = [(name, cfg, []) for name, cfg, _ in parts]
-    data, _, _, _ = items_composite(parts, bounds, resolution=resolution, sign=sign, read=read)
-    out = data.compute(scheduler="synchronous")
-    return out, {"sources": counts, "no_usable_scene": no_scene}
+    lazy = build_composite(parts, bounds, resolution=resolution, sign=sign, read=read)
+    out, checks = dask.compute(lazy.data, lazy.checks, scheduler="synchronous")
+    summary = {"sources": counts, "no_usable_scene": no_scene, "offset_check": {}}
+    for name, rows in checks.items():
+        rec = records[name]
+        bands = next(s.config.bands for s in sources if s.name == name)
+        check = offset_record(rec.items, rows, next(b for b in CHECK_BANDS if b in bands))
+        if check != rec.offset_check:
+            rec.offset_check = check
+            write_tile_items(path, tile_id, rec, storage_options)
+        summary["offset_check"][name] = offset_summary(check)
+        _warn_corrected(tile_id, name, summary["offset_check"][name])
+    return out, summary
+
+
+# --------------------------------------------------------------------------------------
+# The offset checks, as recorded
+# --------------------------------------------------------------------------------------
+def offset_record(items: Sequence[Mapping[str, Any]], rows: np.ndarray, band: str) -> dict:
+    """The offset checks of a tile's ``items`` as recorded in its header (pure).
+
+    ``rows`` are :func:`popdask.composite.offset_checks`' rows, one per item in order;
+    ``band`` the band they judged. Each item gets its verdict (``reason``), the offset the
+    metadata gave (``offset``) and the one applied (``applied``), and the evidence: clear
+    ``pixels``, ``dark`` (their 1st percentile of reflectance), ``negative`` (share below
+    0) and ``negative_after`` (share below −0.1), rounded.
+    """
+    col = {c: i for i, c in enumerate(comp.OFFSET_COLUMNS)}
+    out = []
+    for d, row in zip(items, np.asarray(rows), strict=True):
+        out.append(
+            {
+                "id": d["id"],
+                "reason": comp.OFFSET_REASONS[int(row[col["reason"]])],
+                "offset": _num(row[col["offset"]]),
+                "applied": _num(row[col["offset"]] + row[col["delta"]]),
+                "pixels": int(row[col["pixels"]]),
+                **{k: _num(row[col[k]]) for k in ("dark", "negative", "negative_after")},
+            }
+        )
+    return {"band": band, "items": out}
+
+
+def _num(v: float) -> float | None:
+    return None if not np.isfinite(v) else round(float(v), 4)
+
+
+def offset_summary(check: Mapping[str, Any]) -> dict[str, Any]:
+    """What a tile's offset checks come to: items judged, not judged (too few clear
+    pixels), corrected (each with its evidence) and implausible (ids)."""
+    items = check.get("items", [])
+    reasons = [it["reason"] for it in items]
+    return {
+        "checked": sum(r != "too_few_pixels" for r in reasons),
+        "too_few_pixels": reasons.count("too_few_pixels"),
+        "corrected": [it for it in items if it["offset"] != it["applied"]],
+        "implausible": [it["id"] for it in items if it["reason"] == "implausible"],
+    }
+
+
+def offset_corrections(
+    path: str,
+    tile_ids: Sequence[str],
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    source: str = "sentinel2",
+    threads: int = 16,
+) -> dict[str, list[dict[str, Any]]]:
+    """The items whose offset was corrected, per tile, from the headers of the tiles'
+    records (:func:`read_tile_summary`: the start of each object only, read ``threads`` at
+    a time). Tiles without a record or without a correction are left out."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def corrected(tile_id: str) -> list[dict[str, Any]]:
+        header = read_tile_summary(path, source, tile_id, storage_options) or {}
+        return offset_summary(header.get("offset_check", {}))["corrected"]
+
+    with ThreadPoolExecutor(max(1, min(threads, len(tile_ids)))) as pool:
+        found = zip(tile_ids, pool.map(corrected, tile_ids), strict=True)
+        return {tile_id: items for tile_id, items in found if items}
+
+
+def _warn_corrected(tile_id: str, source: str, summary: Mapping[str, Any]) -> None:
+    """One warning per tile and source naming the items whose offset was corrected."""
+    fixed = summary["corrected"]
+    if fixed:
+        log.warning(
+            "%s %s: offset corrected from the pixels for %d items: %s",
+            tile_id,
+            source,
+            len(fixed),
+            "; ".join(
+                f"{it['id']} {it['offset']:+g} -> {it['applied']:+g} ({it['reason']}: darkest "
+                f"1% at {it['dark']:.3f}, {it['negative']:.0%} below 0)"
+                for it in fixed
+            ),
+        )
+    if summary["implausible"]:
+        log.warning(
+            "%s %s: pixels contradict the offset of %s, and no other offset explains them; "
+            "left as the metadata says",
+            tile_id,
+            source,
+            ", ".join(summary["implausible"]),
+        )

@@ -91,11 +91,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _print_scenes(path: str, so: dict, named: int = 10) -> None:
-    """The Sentinel-2 scenes per composited tile, and the tiles that had none usable."""
+    """The Sentinel-2 scenes per composited tile, the tiles that had none usable, and the
+    items whose radiometric offset was corrected from their pixels."""
     import numpy as np
 
     from popdask import store
-    from popdask.grid import Grid
 
     try:
         scenes = store.tile_scenes(path, so)
@@ -108,16 +108,52 @@ def _print_scenes(path: str, so: dict, named: int = 10) -> None:
         f"  Sentinel-2 scenes per composited tile: min {done.min()}, median "
         f"{int(np.median(done))}, max {done.max()} ({done.size} tiles)"
     )
-    empty = np.argwhere(scenes == 0)
-    if len(empty):
-        g = store.root_attrs(path, so)["popdask"]["grid"]
-        grid = Grid(tuple(g["bounds"]), resolution=g["resolution"], cell=g["cell"], tile=g["tile"])
-        ids = [grid.find_tile((int(r), int(c))).id for r, c in empty[:named]]
+    empty = _tile_ids(path, so, scenes == 0)
+    if empty:
         more = f" and {len(empty) - named} more" if len(empty) > named else ""
         print(
             f"  {len(empty)} tiles without a usable scene (their people are the census spread "
-            f"evenly over their cells): {', '.join(ids)}{more}"
+            f"evenly over their cells): {', '.join(empty[:named])}{more}"
         )
+    _print_offsets(path, so, _tile_ids(path, so, scenes > 0), named=named)
+
+
+def _tile_ids(path: str, so: dict, where) -> list[str]:
+    """Ids of the tiles where the ``(tile_row, tile_col)`` mask ``where`` is true."""
+    import numpy as np
+
+    from popdask import store
+    from popdask.grid import Grid
+
+    cells = np.argwhere(where)
+    if not len(cells):
+        return []
+    g = store.root_attrs(path, so)["popdask"]["grid"]
+    grid = Grid(tuple(g["bounds"]), resolution=g["resolution"], cell=g["cell"], tile=g["tile"])
+    return [grid.find_tile((int(r), int(c))).id for r, c in cells]
+
+
+def _print_offsets(path: str, so: dict, tile_ids: list[str], named: int = 10) -> None:
+    """The Sentinel-2 items whose offset the pixels corrected (read from the headers of
+    the tiles' catalog records), with the reason and the evidence."""
+    from popdask.catalog import offset_corrections
+
+    fixed = offset_corrections(path, tile_ids, so)
+    if not fixed:
+        return
+    rows = [(t, it) for t, items in fixed.items() for it in items]
+    print(
+        f"  {len(rows)} Sentinel-2 items in {len(fixed)} tiles had their offset corrected "
+        "from their pixels (the catalog's offset metadata was wrong):"
+    )
+    for t, it in rows[:named]:
+        print(
+            f"    {t} {it['id']}: {it['offset']:+g} -> {it['applied']:+g} ({it['reason']}: "
+            f"darkest 1% at {it['dark']:.3f}, {it['negative']:.0%} below 0, "
+            f"{it['pixels']} clear pixels)"
+        )
+    if len(rows) > named:
+        print(f"    and {len(rows) - named} more")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -196,3 +196,177 @@ def median_composite(
     ``scale``/``offset`` (``(time, band)``, optional) turn DNs into radiance first.
     """
     return nanmedian_time(mosaic_scaled(stack, groups, scale=scale, offset=offset))
+
+
+# --------------------------------------------------------------------------------------
+# The radiometric offset of each Sentinel-2 item, checked against its own pixels
+# --------------------------------------------------------------------------------------
+# Catalog metadata says whether ESA's BOA_ADD_OFFSET (−1000 DN, baseline 04.00 on) is still
+# in an item's DNs, and is wrong for some items in both directions (Element84/earth-search
+# #66, #71; cirrus-geo/cirrus-earth-search #33). An item whose offset should have been
+# −0.1 but got 0 reads 0.1 too bright everywhere: its darkest clear pixels (water, shadow,
+# dense forest, which every 10 km tile holds some of) sit near 0.1 instead of near 0. An item
+# given −0.1 that should have had 0 reads 0.1 too dark: most of its clear pixels are below 0.
+#: Fewest clear pixels of an item (one km² at 20 m) to judge its offset; fewer: not judged.
+OFFSET_MIN_PIXELS = 2500
+#: Percentile taken as an item's darkest clear pixels: 1 % of a 10 km tile is 1 km², more
+#: than any single bright field or roof, less than the water, shadow and forest of a tile.
+OFFSET_DARK_PERCENTILE = 1.0
+#: Reflectance the darkest 1 % reaches only when the offset is missing: water, shadow and
+#: forest are 0.00–0.05 in the visible bands; 0.09 leaves 0.04 for haze and bright tiles,
+#: and correcting an item at 0.09 by −0.1 still leaves its darkest 1 % at −0.01.
+OFFSET_BRIGHT = 0.09
+#: Share of clear pixels below 0 that only a doubled offset gives: true L2A reflectance
+#: is rarely negative (a few % of dark water at most), while −0.1 too much puts every pixel
+#: darker than 0.1 (vegetation, water, shadow, most roads: over half of any land tile)
+#: below 0.
+OFFSET_NEGATIVE_SHARE = 0.2
+#: Most clear pixels that may still be negative once +0.1 is given back: more, and the
+#: item is wrong in some other way than the offset (it is then left as it is).
+OFFSET_NEGATIVE_AFTER = 0.02
+#: The verdicts, by the code :func:`offset_checks` writes in its ``reason`` column.
+OFFSET_REASONS = ("ok", "too_few_pixels", "offset_missing", "offset_doubled", "implausible")
+#: Columns of :func:`offset_checks`' rows.
+OFFSET_COLUMNS = ("pixels", "dark", "negative", "negative_after", "offset", "delta", "reason")
+
+
+def offset_evidence(values: np.ndarray, step: float) -> tuple[int, float, float, float]:
+    """What an item's clear pixels say about its offset.
+
+    Parameters
+    ----------
+    values
+        Reflectance of one visible band (offset applied as the metadata says); NaN where
+        not clear (nodata, masked by the scene classification).
+    step
+        The BOA offset in reflectance (1000 DN × scale: 0.1).
+
+    Returns
+    -------
+    pixels, dark, negative, negative_after
+        Clear pixels; their :data:`OFFSET_DARK_PERCENTILE` percentile; the share below 0;
+        the share below ``-step`` (still negative were ``step`` given back). NaN figures
+        without a clear pixel.
+    """
+    v = np.asarray(values, dtype=np.float32).ravel()
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return 0, np.nan, np.nan, np.nan
+    dark = float(np.percentile(v, OFFSET_DARK_PERCENTILE))
+    return int(v.size), dark, float(np.mean(v < 0)), float(np.mean(v < -step))
+
+
+def judge_offset(
+    pixels: int, dark: float, negative: float, negative_after: float, *, offset: float, step: float
+) -> tuple[float, str]:
+    """The correction of an item's offset its own pixels call for (pure).
+
+    Only the two offsets a Sentinel-2 L2A item can have are considered: 0 and ``-step``.
+    An item at 0 whose darkest pixels are at least :data:`OFFSET_BRIGHT` gets ``-step``
+    (``offset_missing``); an item at ``-step`` with at least
+    :data:`OFFSET_NEGATIVE_SHARE` of its clear pixels below 0, and at most
+    :data:`OFFSET_NEGATIVE_AFTER` still below 0 once ``step`` is given back, gets ``+step``
+    (``offset_doubled``). Evidence against an offset that no flip explains is
+    ``implausible`` and left as it is; under :data:`OFFSET_MIN_PIXELS` clear pixels
+    nothing is judged (``too_few_pixels``).
+
+    Returns
+    -------
+    delta, reason
+        What to add to the item's offset (0, ``-step`` or ``+step``), and why.
+
+    Examples
+    --------
+    >>> judge_offset(10_000, 0.11, 0.0, 0.0, offset=0.0, step=0.1)
+    (-0.1, 'offset_missing')
+    >>> judge_offset(10_000, -0.08, 0.9, 0.0, offset=-0.1, step=0.1)
+    (0.1, 'offset_doubled')
+    >>> judge_offset(10_000, 0.01, 0.0, 0.0, offset=-0.1, step=0.1)
+    (0.0, 'ok')
+    """
+    if pixels < OFFSET_MIN_PIXELS:
+        return 0.0, "too_few_pixels"
+    at_zero, at_step = abs(offset) < step / 2, abs(offset + step) < step / 2
+    if dark >= OFFSET_BRIGHT:
+        return (-step, "offset_missing") if at_zero else (0.0, "implausible")
+    if negative >= OFFSET_NEGATIVE_SHARE:
+        if at_step and negative_after <= OFFSET_NEGATIVE_AFTER:
+            return step, "offset_doubled"
+        return 0.0, "implausible"
+    return 0.0, "ok"
+
+
+def offset_checks(
+    stack: np.ndarray,
+    *,
+    scale: np.ndarray,
+    offset: np.ndarray,
+    band: int,
+    step_dn: float = 1000.0,
+    mask_band: int | None = None,
+    mask_values: tuple[int, ...] = (0, 1, 3, 8, 9, 10, 11),
+) -> np.ndarray:
+    """Each item's offset checked against its own clear pixels of band ``band``.
+
+    Parameters
+    ----------
+    stack
+        ``(time, band, y, x)`` raw digital numbers of one tile, NaN nodata.
+    scale, offset
+        ``(time, band)`` as the metadata gives them (:func:`popdask.sources.scale_offset`).
+    band
+        Index of the visible band judged (blue where there is one: the darkest targets).
+    step_dn
+        The BOA offset in DN (ESA's BOA_ADD_OFFSET, 1000).
+    mask_band, mask_values
+        The scene classification band and the classes that are not clear (as
+        :func:`optical_composite` masks them).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(time, 7)`` float64 rows of :data:`OFFSET_COLUMNS`: the evidence of
+        :func:`offset_evidence`, the metadata's offset of ``band``, the ``delta`` to add to
+        the item's offset and the index of its reason in :data:`OFFSET_REASONS`.
+    """
+    out = np.empty((stack.shape[0], len(OFFSET_COLUMNS)), dtype=np.float64)
+    bad = np.asarray(mask_values, np.float32)
+    for t in range(stack.shape[0]):
+        dn = stack[t, band]
+        if mask_band is not None:
+            dn = np.where(np.isin(stack[t, mask_band], bad), np.nan, dn)
+        step = float(step_dn * scale[t, band])
+        values = np.multiply(dn, np.float32(scale[t, band]), dtype=np.float32)
+        values += np.float32(offset[t, band])
+        evidence = offset_evidence(values, step)
+        delta, reason = judge_offset(*evidence, offset=float(offset[t, band]), step=step)
+        out[t] = (*evidence, offset[t, band], delta, OFFSET_REASONS.index(reason))
+    return out
+
+
+def checked_optical_composite(
+    stack: np.ndarray,
+    checks: np.ndarray,
+    *,
+    groups: np.ndarray,
+    scale: np.ndarray,
+    offset: np.ndarray,
+    mask_band: int | None = None,
+    mask_values: tuple[int, ...] = (0, 1, 3, 8, 9, 10, 11),
+) -> np.ndarray:
+    """:func:`optical_composite` with each item's offset corrected by its row of
+    :func:`offset_checks` (``checks``; the mask band's offset is left alone)."""
+    delta = np.asarray(checks, np.float64)[:, OFFSET_COLUMNS.index("delta")]
+    corrected = np.array(offset, dtype=np.float64)
+    keep = np.ones(corrected.shape[1], bool)
+    if mask_band is not None:
+        keep[mask_band] = False
+    corrected[:, keep] += delta[:, None]
+    return optical_composite(
+        stack,
+        groups=groups,
+        scale=scale,
+        offset=corrected,
+        mask_band=mask_band,
+        mask_values=mask_values,
+    )

@@ -14,8 +14,10 @@ Searching returns plain :class:`pystac.Item` lists; :func:`tile_composite` build
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import dask.array as da
@@ -151,6 +153,43 @@ def item_bounds_3035(items: Sequence[pystac.Item]) -> np.ndarray:
     return out
 
 
+def item_time(properties: Mapping) -> dt.datetime | None:
+    """When an item was acquired, in UTC: its ``datetime``, else its ``start_datetime``.
+
+    Parsed from the properties themselves, whatever form they take: RFC 3339 (``T``, ``Z``)
+    or the space-separated ``2024-04-19 04:59:04.220006+00:00`` of the Planetary Computer's
+    Sentinel-1 RTC ``start_datetime``; any UTC offset is converted, a missing one is taken as
+    UTC. None when neither is given or parses. Every date popdask reads goes through here
+    (months, acquisition days, date order), so that strings of different forms never meet.
+
+    Examples
+    --------
+    >>> item_time({"datetime": None, "start_datetime": "2024-04-20 01:00:00+02:00"})
+    datetime.datetime(2024, 4, 19, 23, 0, tzinfo=datetime.timezone.utc)
+    """
+    for key in ("datetime", "start_datetime"):
+        raw = properties.get(key)
+        if isinstance(raw, dt.datetime):
+            when = raw
+        elif isinstance(raw, str):
+            try:
+                when = dt.datetime.fromisoformat(raw.strip())
+            except ValueError:
+                continue
+        else:
+            continue
+        if when.tzinfo is None:
+            return when.replace(tzinfo=dt.UTC)
+        return when.astimezone(dt.UTC)
+    return None
+
+
+def _time(item: pystac.Item) -> dt.datetime | None:
+    """:func:`item_time` of a pystac Item (which keeps ``datetime`` out of its properties)."""
+    start = item.properties.get("start_datetime")
+    return item_time({"datetime": item.datetime, "start_datetime": start})
+
+
 def filter_items(
     items: Sequence[pystac.Item],
     *,
@@ -165,8 +204,8 @@ def filter_items(
     """
     kept, skipped = [], {"month": 0, "cloud_cover": 0, "missing_asset": 0}
     for it in items:
-        dt = it.datetime or it.common_metadata.start_datetime
-        if months and dt is not None and dt.month not in months:
+        when = _time(it)
+        if months and when is not None and when.month not in months:
             skipped["month"] += 1
             continue
         cc = it.properties.get("eo:cloud_cover")
@@ -179,6 +218,87 @@ def filter_items(
         kept.append(it)
     return kept, {k: v for k, v in skipped.items() if v}
 
+
+#: Asset keys with a resolution suffix (``SCL-20m``, ``B02_20m``): the Planetary Computer's
+#: 2021 layout of ``sentinel-2-l2a``, replaced since by plain band keys.
+_SUFFIXED = re.compile(r"^[A-Za-z0-9]+[-_]\d+m$")
+
+
+def asset_drift(items: Sequence[Mapping], assets: Sequence[str]) -> dict | None:
+    """What the items lacking some of ``assets`` have instead (pure; item dicts in).
+
+    Returns None when every item has every key; else ``{"items": n, "missing": {key:
+    items}, "has": [keys of those items that hold data, sorted], "similar": {key: [their
+    keys that look like it]}, "generation": a sentence or None}``, for one message naming
+    what is missing and what is there (:func:`drift_message`).
+    """
+    from popdask.presets import EARTH_SEARCH_S2
+
+    lacking = [d for d in items if any(a not in (d.get("assets") or {}) for a in assets)]
+    if not lacking:
+        return None
+    missing: dict[str, int] = {}
+    has: set[str] = set()
+    for d in lacking:
+        keys = d.get("assets") or {}
+        for a in assets:
+            if a not in keys:
+                missing[a] = missing.get(a, 0) + 1
+        has |= {k for k, v in keys.items() if "data" in (v.get("roles") or ["data"])}
+    es_key = {band: key for key, band in EARTH_SEARCH_S2.items()}
+    similar = {}
+    for a in missing:
+        like = [
+            k
+            for k in sorted(has)
+            if not k.endswith("-jp2")  # JPEG 2000 twins in requester-pays buckets: never
+            and (
+                k.lower() == a.lower()
+                or re.match(rf"{re.escape(a)}[-_]", k, re.IGNORECASE)
+                or k in (EARTH_SEARCH_S2.get(a), es_key.get(a))
+            )
+        ]
+        if like:
+            similar[a] = like
+    near = [k for ks in similar.values() for k in ks]
+    suffixed = [k for k in [*near, *sorted(has)] if _SUFFIXED.match(k)]
+    generation = None
+    if suffixed:
+        shown = ", ".join(repr(k) for k in dict.fromkeys(suffixed[:3]))
+        generation = (
+            f"keys with a resolution suffix ({shown}) are the Planetary Computer's 2021 layout"
+        )
+    elif any(es_key.get(a) in has for a in missing):
+        generation = "their keys are Earth Search's band names (its preset renames them)"
+    return {
+        "items": len(lacking),
+        "missing": missing,
+        "has": sorted(has),
+        "similar": similar,
+        "generation": generation,
+    }
+
+
+def drift_message(name: str, collection: str, drift: Mapping, *, of: int) -> str:
+    """One line: how many of ``of`` items lack which configured keys, what they have, and
+    the fix (``drift`` from :func:`asset_drift`)."""
+    lack = ", ".join(
+        f"{k!r} ({n})"
+        + (f", like {', '.join(map(repr, drift['similar'][k]))}" if k in drift["similar"] else "")
+        for k, n in drift["missing"].items()
+    )
+    has = drift["has"]
+    shown = ", ".join(has[:12]) + (f" and {len(has) - 12} more" if len(has) > 12 else "")
+    why = f"; {drift['generation']}" if drift.get("generation") else ""
+    return (
+        f"sources.{name}: {drift['items']} of {of} items of collection {collection!r} lack "
+        f"asset {lack}; they have {shown}{why}; set sources.{name}.assets/mask_asset (or "
+        "rename) to the catalog's current keys, or use its preset"
+    )
+
+
+#: Sorts items without any date first.
+_NO_TIME = dt.datetime.min.replace(tzinfo=dt.UTC)
 
 #: The most items the whole-region search (:func:`search_source`) reads; the per-tile
 #: search (:mod:`popdask.catalog`) has no such cap, since a tile's bbox bounds it.
@@ -265,7 +385,7 @@ def _per_footprint(
         skipped["over_max_items"] = choice.dropped
     keep = {(d.get("collection"), d["id"]) for d in choice.items}
     out = [it for it in items if (it.collection_id, it.id) in keep]
-    out.sort(key=lambda it: (it.datetime.isoformat() if it.datetime else "", it.id))
+    out.sort(key=lambda it: (_time(it) or _NO_TIME, it.id))
     return out
 
 
@@ -360,8 +480,10 @@ def scale_offset(
 
 
 def day_groups(items: Sequence[pystac.Item]) -> np.ndarray:
-    """Index of the acquisition day of each item (granules of one day share it)."""
-    days = [(it.datetime.date().isoformat() if it.datetime else it.id) for it in items]
+    """Index of the acquisition day (UTC) of each item (granules of one day share it);
+    an item without any date is a day of its own."""
+    times = [_time(it) for it in items]
+    days = [(t.date().isoformat() if t else it.id) for t, it in zip(times, items, strict=True)]
     _, idx = np.unique(np.asarray(days), return_inverse=True)
     return idx.astype(np.int64)
 
@@ -529,7 +651,8 @@ def items_composite(
     tile's (searched per tile, :mod:`popdask.catalog`, or cut from a region's search). A
     source without items gives NaN bands. Hrefs are not signed here: with ``sign`` (or a
     source's own ``sign``) the reader signs each href inside its read task, so tokens never
-    expire between graph and read.
+    expire between graph and read. Each Sentinel-2 item's offset is checked against its
+    pixels and corrected where they say it is wrong (see :func:`build_composite`).
 
     Returns
     -------
@@ -540,21 +663,61 @@ def items_composite(
     n_items
         Items used per source.
     """
+    c = build_composite(parts, bounds, resolution=resolution, sign=sign, read=read)
+    return c.data, c.bands, c.kinds, c.n_items
+
+
+@dataclass
+class LazyComposite:
+    """One tile's lazy composite (:func:`build_composite`); nothing is read yet."""
+
+    data: da.Array  # (band, y, x) float32, one chunk
+    bands: list[str]
+    kinds: list[str]
+    n_items: dict[str, int]
+    #: Per checked source, ``(item, 7)`` rows of :func:`popdask.composite.offset_checks`
+    #: for its items in order (computed with ``data``, they share its reads).
+    checks: dict[str, da.Array] = field(default_factory=dict)
+
+
+#: Bands whose darkest clear pixels judge a Sentinel-2 item's offset, in order of preference
+#: (blue: water, shadow and forest are darkest there, haze aside).
+CHECK_BANDS = ("B02", "B03", "B04")
+
+
+def build_composite(
+    parts: Sequence[tuple[str, SourceConfig, Sequence[pystac.Item]]],
+    bounds: Sequence[float],
+    *,
+    resolution: float,
+    sign: str | None = None,
+    read: ReadConfig | None = None,
+) -> LazyComposite:
+    """:func:`items_composite`, with the offset checks of each Sentinel-2 item.
+
+    The offset each Sentinel-2 item gets from its metadata (:func:`scale_offset`) is
+    checked against its own clear pixels of the first of :data:`CHECK_BANDS` the source
+    composites (:func:`popdask.composite.offset_checks`), inside the same task as the
+    median, and corrected by ±0.1 where they clearly contradict it. The evidence comes back
+    in ``checks`` (lazy); a source without a visible band is not checked.
+    """
     nx = round((bounds[2] - bounds[0]) / resolution)
     ny = round((bounds[3] - bounds[1]) / resolution)
-    out, bands, kinds, n_items = [], [], [], {}
+    arrays, bands, kinds, n_items, checks = [], [], [], {}, {}
     for name, cfg, items in parts:
         n_items[name] = len(items)
-        names = cfg.bands
-        bands += names
-        kinds += [ROLES[name]] * len(names)
+        bands += cfg.bands
+        kinds += [ROLES[name]] * len(cfg.bands)
         if not items:
-            out.append(da.full((len(names), ny, nx), np.nan, dtype=np.float32, chunks=-1))
+            arrays.append(da.full((len(cfg.bands), ny, nx), np.nan, dtype=np.float32, chunks=-1))
             continue
-        out.append(
-            _source_composite(name, cfg, items, bounds, resolution=resolution, sign=sign, read=read)
+        data, check = _source_composite(
+            name, cfg, items, bounds, resolution=resolution, sign=sign, read=read
         )
-    return da.concatenate(out, axis=0), bands, kinds, n_items
+        arrays.append(data)
+        if check is not None:
+            checks[name] = check
+    return LazyComposite(da.concatenate(arrays, axis=0), bands, kinds, n_items, checks)
 
 
 def _source_composite(
@@ -566,8 +729,9 @@ def _source_composite(
     resolution: float,
     sign: str | None,
     read: ReadConfig | None,
-) -> da.Array:
-    """Lazy ``(band, y, x)`` composite of one source's items (at least one) on ``bounds``."""
+) -> tuple[da.Array, da.Array | None]:
+    """Lazy ``(band, y, x)`` composite of one source's items (at least one) on ``bounds``,
+    and for Sentinel-2 the lazy offset checks of its items (None when not checked)."""
     nx = round((bounds[2] - bounds[0]) / resolution)
     ny = round((bounds[3] - bounds[1]) / resolution)
     names = cfg.bands
@@ -588,25 +752,63 @@ def _source_composite(
     )
     groups = day_groups(items)
     scale, offset = scale_offset(items, assets, name=name, scale=cfg.scale)
-    if name == "sentinel2":
-        kernel, kw = (
-            comp.optical_composite,
-            {
-                "scale": scale,
-                "offset": offset,
-                "mask_band": len(names) if cfg.mask_asset else None,
-                "mask_values": tuple(cfg.mask_values),
-            },
-        )
-    else:
+    if name != "sentinel2":
         kernel = comp.radar_composite if name == "sentinel1" else comp.median_composite
-        kw = {"scale": scale, "offset": offset}
-    return stack.data.map_blocks(
-        kernel,
-        groups=groups,
-        **kw,
-        drop_axis=0,
-        chunks=(len(names), ny, nx),
+        data = stack.data.map_blocks(
+            kernel,
+            groups=groups,
+            scale=scale,
+            offset=offset,
+            drop_axis=0,
+            chunks=(len(names), ny, nx),
+            dtype=np.float32,
+            meta=np.empty((0, 0, 0), np.float32),
+        )
+        return data, None
+    mask = {
+        "mask_band": len(names) if cfg.mask_asset else None,
+        "mask_values": tuple(cfg.mask_values),
+    }
+    check = next((names.index(b) for b in CHECK_BANDS if b in names), None)
+    if check is None:
+        data = stack.data.map_blocks(
+            comp.optical_composite,
+            groups=groups,
+            scale=scale,
+            offset=offset,
+            **mask,
+            drop_axis=0,
+            chunks=(len(names), ny, nx),
+            dtype=np.float32,
+            meta=np.empty((0, 0, 0), np.float32),
+        )
+        return data, None
+    checks = stack.data.map_blocks(
+        comp.offset_checks,
+        scale=scale,
+        offset=offset,
+        band=check,
+        step_dn=-S2_BOA_ADD_OFFSET,
+        **mask,
+        drop_axis=[2, 3],
+        chunks=((len(items),), (len(comp.OFFSET_COLUMNS),)),
+        dtype=np.float64,
+        meta=np.empty((0, 0), np.float64),
+    )
+    data = da.blockwise(
+        comp.checked_optical_composite,
+        "cyx",
+        stack.data,
+        "tbyx",
+        checks,
+        "tk",
+        new_axes={"c": len(names)},
+        concatenate=True,
         dtype=np.float32,
         meta=np.empty((0, 0, 0), np.float32),
+        groups=groups,
+        scale=scale,
+        offset=offset,
+        **mask,
     )
+    return data, checks

@@ -684,3 +684,227 @@ def test_store_with_records_opens_and_consolidates_quietly(tmp_path):
         assert list(store.open_store(path).data_vars) == ["a"]
         store.consolidate(path)
     assert load_tile_items(path, "sentinel2", "N1E1").items == []
+
+
+# --------------------------------------------------------------------------------------
+# Offsets the metadata lies about, found from the pixels
+# --------------------------------------------------------------------------------------
+def _truth(seed: int, n: int = 150) -> np.ndarray:
+    """Blue and red surface reflectance of a land tile, ``(2, n, n)``: water, forest,
+    fields and a town in patches, with texture."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:n, 0:n] / n
+    kind = np.digitize(np.sin(7 * xx + 3 * yy) + np.cos(5 * yy - 2 * xx), [-1.3, 0.0, 1.0])
+    lo = np.array([[0.01, 0.015, 0.03, 0.06], [0.01, 0.02, 0.05, 0.08]])  # blue, red
+    hi = np.array([[0.03, 0.035, 0.07, 0.13], [0.03, 0.04, 0.10, 0.15]])
+    u = rng.uniform(size=(n, n))
+    return (lo[:, kind] + u * (hi - lo)[:, kind]).astype(np.float32)
+
+
+def _lying_items(root: Path, tile, lie: str, truth: np.ndarray) -> list[dict]:
+    """Three Earth-Search-like items of ``tile``: one honest (raw DNs of baseline 05.00,
+    offset −0.1 in raster:bands, flag false) and two whose metadata lies: ``"applied"``
+    holds harmonised DNs (offset already removed) but says it is not; ``"raw"`` holds raw
+    DNs but says the offset was applied."""
+    import rasterio
+
+    n = truth.shape[-1]
+    transform = from_bounds(*tile, n, n)
+    w, s, e, nn = TO_LL.transform_bounds(*tile, densify_pts=21)
+    out = []
+    for k, kind in enumerate(["honest", lie, lie]):
+        harmonised = kind == "applied"
+        iid = f"S2X_{lie}_{k}"
+        rng = np.random.default_rng(k)
+        refl = truth + rng.uniform(-0.002, 0.002, truth.shape).astype(np.float32)
+        assets = {}
+        for key, band in [("blue", refl[0]), ("red", refl[1]), ("scl", None)]:
+            if band is None:
+                data = np.full((n, n), 4, np.uint8)  # vegetation: clear everywhere
+            else:
+                data = np.round(band * 10000 + (0 if harmonised else 1000)).astype(np.uint16)
+            path = root / f"{iid}_{key}.tif"
+            with rasterio.open(
+                path, "w", driver="GTiff", width=n, height=n, count=1, dtype=data.dtype,
+                crs="EPSG:3035", transform=transform, nodata=0,
+            ) as dst:  # fmt: skip
+                dst.write(data, 1)
+            rb = {"nodata": 0}
+            if band is not None:
+                rb |= {"scale": 0.0001, "offset": -0.1}
+            assets[key] = {
+                "href": str(path),
+                "type": "image/tiff; application=geotiff; profile=cloud-optimized",
+                "proj:shape": [n, n],
+                "proj:transform": list(transform)[:6],
+                "raster:bands": [rb],
+            }
+        props = {
+            "grid:code": f"MGRS-{lie}",
+            "proj:epsg": 3035,
+            "s2:processing_baseline": "05.00",
+            # the lie: "applied" says false, "raw" says true
+            "earthsearch:boa_offset_applied": kind == "raw",
+        }
+        when = dt.datetime(2023, 7, 10 + 5 * k, 10, 30)
+        d = item(iid, when, (w, s, e, nn), cloud=1.0, collection="sentinel-2-l2a", **props)
+        d["assets"] = assets
+        out.append(d)
+    return out
+
+
+LIE_TILES = {
+    "applied": (4321000, 3210000, 4324000, 3213000),
+    "raw": (4421000, 3210000, 4424000, 3213000),
+}
+
+
+@pytest.fixture(scope="module")
+def lying_api(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lies")
+    items, truths = [], {}
+    for seed, (lie, tile) in enumerate(LIE_TILES.items()):
+        truths[lie] = _truth(seed)
+        items += _lying_items(root, tile, lie, truths[lie])
+    with serve(root, items, collection="sentinel-2-l2a") as server:
+        yield server.url, truths
+
+
+@pytest.mark.parametrize("lie", list(LIE_TILES))
+def test_offsets_the_metadata_lies_about_are_corrected_from_the_pixels(
+    lying_api, tmp_path, lie, monkeypatch, capsys
+):
+    from popdask import cli
+    from popdask import composite as comp
+
+    url, truths = lying_api
+    es = SourceConfig(
+        collection="sentinel-2-l2a",
+        datetime="2023-06-01/2023-08-31",
+        assets=["blue", "red"],
+        mask_asset="scl",
+        rename={"blue": "B02", "red": "B04", "scl": "SCL"},
+    )
+    # the truth the median should find: per pixel, the median of the three dates' surfaces
+    n = truths[lie].shape[-1]
+    true = np.median(
+        [
+            truths[lie] + np.random.default_rng(k).uniform(-0.002, 0.002, (2, n, n))
+            for k in range(3)
+        ],
+        axis=0,
+    )
+    src = [Source("sentinel2", es, url)]
+    tile, tid = LIE_TILES[lie], f"N3210E{LIE_TILES[lie][0] // 1000}"
+    path = str(tmp_path / "out.zarr")
+    data, summary = composite_tile(src, tile, tile_id=tid, resolution=20, path=path)
+    err = float(np.abs(data - true).max())
+    # the same without the check (no item has enough pixels to be judged)
+    monkeypatch.setattr(comp, "OFFSET_MIN_PIXELS", 10**9)
+    blind, _ = composite_tile(src, tile, tile_id=tid, resolution=20, path=str(tmp_path / "b"))
+    blind_err = float(np.abs(blind - true).max())
+    print(f"\n{lie}: composite error {err:.5f} with the check, {blind_err:.5f} without")
+    assert err <= 0.005
+    assert blind_err > 0.09  # what the metadata alone gives
+    # recorded: in the summary and in the header of the tile's record
+    check = summary["offset_check"]["sentinel2"]
+    fixed = {it["id"]: it for it in check["corrected"]}
+    assert sorted(fixed) == [f"S2X_{lie}_1", f"S2X_{lie}_2"] and check["checked"] == 3
+    want = ("offset_doubled", -0.1, 0.0) if lie == "applied" else ("offset_missing", 0.0, -0.1)
+    for it in fixed.values():
+        assert (it["reason"], it["offset"], it["applied"]) == want
+        assert it["pixels"] == n * n
+    header = read_tile_summary(path, "sentinel2", tid)["offset_check"]
+    assert header["band"] == "B02"
+    by_id = {it["id"]: it for it in header["items"]}
+    assert by_id[f"S2X_{lie}_0"]["reason"] == "ok"
+    assert {k: by_id[k] for k in fixed} == fixed
+    if lie == "raw":
+        assert all(by_id[k]["dark"] >= 0.1 for k in fixed)  # ~0.1 too bright
+    else:
+        assert all(by_id[k]["negative"] > 0.9 for k in fixed)  # almost all below 0
+    # popdask status lists them, from the records' headers (a tile without one is skipped)
+    capsys.readouterr()
+    cli._print_offsets(path, {}, [tid, "N0E0"])
+    out = capsys.readouterr().out
+    assert "2 Sentinel-2 items in 1 tiles had their offset corrected" in out
+    assert f"{tid} S2X_{lie}_1: " in out and want[0] in out
+
+
+# --------------------------------------------------------------------------------------
+# Catalog drift: items whose asset keys are another generation's
+# --------------------------------------------------------------------------------------
+PC_2021 = "recorded-2021-06_S2A_MSIL2A_20190101T000001_N0212_R116_T59ULV_20201007T214655.SAFE"
+PC_2024 = "S2B_MSIL2A_20240825T173909_R098_T13TDE_20240825T215747"
+PC_S2 = SourceConfig(  # the planetary-computer preset's Sentinel-2 keys
+    collection="sentinel-2-l2a",
+    datetime="2019-01-01/2024-12-31",
+    assets=["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12"],
+    mask_asset="SCL",
+)
+
+
+def _moved(stem: str, iid: str) -> dict:
+    """A recorded Planetary Computer item as it came, but for its id and its footprint,
+    moved onto granule A (its asset keys are what the test is about)."""
+    d = json.loads(
+        (REALSTAC / "planetary-computer" / "sentinel-2-l2a" / f"{stem}.json").read_text()
+    )
+    d.update(id=iid, stac_version="1.0.0", bbox=list(FOOT_A), geometry=polygon(FOOT_A))
+    d["links"] = []
+    return d
+
+
+@pytest.fixture(scope="module")
+def drift_apis(tmp_path_factory):
+    if not REALSTAC.is_dir():
+        pytest.skip(f"{REALSTAC} is absent (../shared beside the repository)")
+    old = [_moved(PC_2021, f"old{i}") for i in range(3)]
+    mixed = [*old, _moved(PC_2024, "new0")]
+    roots = [tmp_path_factory.mktemp("drift-old"), tmp_path_factory.mktemp("drift-mixed")]
+    with (
+        serve(roots[0], old, "sentinel-2-l2a") as a,
+        serve(roots[1], mixed, "sentinel-2-l2a") as b,
+    ):
+        yield a.url, b.url
+
+
+def test_items_of_another_catalog_generation_are_skipped_counted_and_named(
+    drift_apis, tmp_path, caplog
+):
+    old_api, mixed_api = drift_apis
+    got = tile_items("sentinel2", PC_S2, url=mixed_api, bounds_3035=TILE_A)
+    assert [d["id"] for d in got.items] == ["new0"]
+    assert got.skipped == {"missing_asset": 3}
+    drift = got.summary()["missing_assets"]
+    assert drift["items"] == 3 and drift["missing"] == {"SCL": 3}
+    assert drift["similar"] == {"SCL": ["SCL-20m", "SCL-60m"]}
+    assert "2021 layout" in drift["generation"]
+    # a tile with only such items: no usable scene, one warning naming key, keys and fix
+    src = [Source("sentinel2", PC_S2, old_api)]
+    path = str(tmp_path / "out.zarr")
+    with caplog.at_level("WARNING", logger="popdask.catalog"):
+        data, summary = composite_tile(src, TILE_A, tile_id="T1", resolution=20, path=path)
+    assert summary["no_usable_scene"] is True and np.isnan(data).all()
+    assert summary["sources"]["sentinel2"]["missing_assets"]["missing"] == {"SCL": 3}
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert msg.startswith("T1 sources.sentinel2: 3 of 3 items of collection 'sentinel-2-l2a'")
+    assert "lack asset 'SCL' (3), like 'SCL-20m', 'SCL-60m'" in msg and "B02_20m" in msg
+    assert "set sources.sentinel2.assets/mask_asset" in msg and "\n" not in msg
+    assert read_tile_summary(path, "sentinel2", "T1")["missing_assets"]["items"] == 3
+
+
+def test_probe_fails_a_source_whose_items_all_lack_its_keys(drift_apis, caplog):
+    old_api, mixed_api = drift_apis
+    bbox = TO_LL.transform_bounds(*TILE_A)
+    with pytest.raises(SourceError) as e:
+        probe_source("sentinel2", PC_S2, url=old_api, bbox_lonlat=bbox)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("sources.sentinel2: 3 of 3 items of collection")
+    assert "'SCL' (3), like 'SCL-20m'" in msg and "2021 layout" in msg
+    assert "set sources.sentinel2.assets/mask_asset" in msg and old_api in msg
+    # some items have the keys: the source is usable, the others are named in a warning
+    with caplog.at_level("WARNING", logger="popdask.catalog"):
+        first = probe_source("sentinel2", PC_S2, url=mixed_api, bbox_lonlat=bbox)
+    assert first["id"] == "old0"  # the probed item lacks them: one more page is looked at
+    assert "sources.sentinel2: 3 of 4 items" in caplog.text

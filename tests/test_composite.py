@@ -195,3 +195,101 @@ def test_mosaic_scaled_equals_mosaic_of_masked_scaled_stack():
     np.testing.assert_array_equal(mosaic_scaled(x, groups), mosaic_by_group(x, groups))
     with pytest.raises(ValueError, match="groups has shape"):
         mosaic_scaled(x, groups[:2])
+
+
+# --------------------------------------------------------------------------------------
+# The offset check from the pixels (pure)
+# --------------------------------------------------------------------------------------
+def _land(n: int = 10_000, seed: int = 0) -> np.ndarray:
+    """Blue reflectance of a land tile: 5 % water, 40 % forest, 40 % fields, 15 % town."""
+    rng = np.random.default_rng(seed)
+    parts = [(0.05, 0.01, 0.03), (0.40, 0.015, 0.035), (0.40, 0.03, 0.07), (0.15, 0.06, 0.13)]
+    return np.concatenate([rng.uniform(lo, hi, int(n * share)) for share, lo, hi in parts])
+
+
+@pytest.mark.parametrize(
+    ("shift", "offset", "expected"),
+    [
+        (0.0, 0.0, (0.0, "ok")),  # harmonised DNs, offset 0: right
+        (0.0, -0.1, (0.0, "ok")),  # raw DNs, offset −0.1: right (the same reflectance)
+        (+0.1, 0.0, (-0.1, "offset_missing")),  # raw DNs flagged harmonised
+        (-0.1, -0.1, (0.1, "offset_doubled")),  # harmonised DNs given −0.1 again
+        (+0.1, -0.1, (0.0, "implausible")),  # too bright, yet already at −0.1: not a flip
+        (-0.1, 0.0, (0.0, "implausible")),  # too dark at offset 0: no flip explains it
+    ],
+)
+def test_judge_offset_on_a_land_tile(shift, offset, expected):
+    from popdask.composite import judge_offset, offset_evidence
+
+    evidence = offset_evidence(_land() + shift, 0.1)
+    delta, reason = judge_offset(*evidence, offset=offset, step=0.1)
+    assert (round(delta, 6), reason) == expected
+
+
+def test_judge_offset_thresholds_and_too_few_pixels():
+    from popdask.composite import (
+        OFFSET_BRIGHT,
+        OFFSET_MIN_PIXELS,
+        OFFSET_NEGATIVE_SHARE,
+        judge_offset,
+        offset_evidence,
+    )
+
+    # a very bright tile (darkest 1 % just under the bound) is left alone
+    bright = np.full(10_000, OFFSET_BRIGHT - 0.005)
+    assert judge_offset(*offset_evidence(bright, 0.1), offset=0.0, step=0.1) == (0.0, "ok")
+    # dark water a little below 0 on a correct item: a few % negative, left alone
+    water = np.concatenate([_land(), np.full(300, -0.01)])
+    n, dark, negative, after = offset_evidence(water, 0.1)
+    assert negative < OFFSET_NEGATIVE_SHARE
+    assert judge_offset(n, dark, negative, after, offset=-0.1, step=0.1) == (0.0, "ok")
+    # too few clear pixels: not judged, whatever they say
+    few = _land(OFFSET_MIN_PIXELS - 100) + 0.1
+    assert judge_offset(*offset_evidence(few, 0.1), offset=0.0, step=0.1)[1] == "too_few_pixels"
+    # a doubled offset that leaves many pixels negative once given back: something else
+    garbage = _land() - 0.3
+    assert judge_offset(*offset_evidence(garbage, 0.1), offset=-0.1, step=0.1)[1] == ("implausible")
+    assert offset_evidence(np.full(5, np.nan), 0.1)[0] == 0
+
+
+def test_offset_checks_use_clear_pixels_and_correct_the_composite():
+    from popdask.composite import (
+        OFFSET_COLUMNS,
+        OFFSET_REASONS,
+        checked_optical_composite,
+        offset_checks,
+    )
+
+    truth = _land(2500 * 4).reshape(100, 100).astype(np.float32)
+    dn_raw = np.round(truth * 10000 + 1000)  # baseline ≥ 04.00 DNs
+    scl = np.full((100, 100), 4, np.float32)
+    scl[:50] = 9  # clouds over half of the tile...
+    cloudy = dn_raw.copy()
+    cloudy[:50] = 12000  # ...bright: they must not count as evidence
+    stack = np.stack(
+        [
+            np.stack([dn_raw, scl]),  # honest: raw, offset −0.1
+            np.stack([dn_raw, scl]),  # raw DNs but offset 0 (flag says harmonised)
+            np.stack([dn_raw - 1000, np.full_like(scl, 4)]),  # harmonised given −0.1
+            np.stack([cloudy, scl]),  # honest, half cloudy
+        ]
+    ).astype(np.float32)
+    scale = np.full((4, 2), 1e-4)
+    offset = np.array([[-0.1, 0], [0.0, 0], [-0.1, 0], [-0.1, 0]])
+    rows = offset_checks(stack, scale=scale, offset=offset, band=0, mask_band=1)
+    col = {c: i for i, c in enumerate(OFFSET_COLUMNS)}
+    reasons = [OFFSET_REASONS[int(r)] for r in rows[:, col["reason"]]]
+    assert reasons == ["ok", "offset_missing", "offset_doubled", "ok"]
+    np.testing.assert_allclose(rows[:, col["delta"]], [0, -0.1, 0.1, 0])
+    assert rows[:, col["pixels"]].tolist() == [5000, 5000, 10000, 5000]
+    for t in range(4):  # each item alone composites to the truth once corrected
+        out = checked_optical_composite(
+            stack[t : t + 1],
+            rows[t : t + 1],
+            groups=np.zeros(1, np.int64),
+            scale=scale[t : t + 1],
+            offset=offset[t : t + 1],
+            mask_band=1,
+        )[0]
+        clear = scl != 9 if t != 2 else np.ones_like(scl, bool)
+        np.testing.assert_allclose(out[clear], truth[clear], atol=1e-4)

@@ -1,7 +1,8 @@
-"""Catalog presets, recorded items of real catalogs, reflectance, signing at read time, UTM seams.
+"""Catalog presets, real catalog items, reflectance, signing at read time, UTM seams.
 
-The recorded items (tests/data/stac/) are hand-written after the Planetary Computer's and
-Earth Search's item schemas; nothing here reaches the network.
+The items are those the Planetary Computer and Earth Search APIs really returned
+(``../shared/data/realstac``), plus two hand-written Earth Search items for cases no
+recorded one covers (``tests/data/stac/``); nothing here reaches the network.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from popdask.sources import (
 )
 
 DATA = Path(__file__).parent / "data" / "stac"
+REALSTAC = Path(__file__).resolve().parents[2] / "shared" / "data" / "realstac"
 PC_URL = "https://planetarycomputer.microsoft.com/api/stac/v1"
 ES_URL = "https://earth-search.aws.element84.com/v1"
 
@@ -59,14 +61,6 @@ def base(**stac) -> dict:
 
 def with_sources(data: dict, **sources) -> dict:
     return {**data, "sources": {**data["sources"], **sources}}
-
-
-def recorded(catalog: str) -> dict[str, pystac.Item]:
-    items = [
-        pystac.Item.from_dict(json.loads(p.read_text()))
-        for p in sorted((DATA / catalog).glob("*.json"))
-    ]
-    return {it.id: it for it in items}
 
 
 # --------------------------------------------------------------------------------------
@@ -250,60 +244,138 @@ def test_every_preset_maps_onto_known_bands():
 
 
 # --------------------------------------------------------------------------------------
-# Recorded items: parse, filter, radiometry, day groups
+# Real catalog items: presets, filter, radiometry, dates, projection
 # --------------------------------------------------------------------------------------
-def test_recorded_items_parse_and_filter():
-    pc, es = recorded("planetary-computer"), recorded("earth-search")
-    it = pc["S2B_MSIL2A_20220720T103629_R008_T33UUP_20220720T190234"]
-    # pystac keeps proj:code and drops proj:epsg: what popdask must cope with.
-    assert it.properties.get("proj:code") == "EPSG:32633" and "proj:epsg" not in it.properties
-    pc_s2 = [i for i in pc.values() if i.collection_id == "sentinel-2-l2a"]
-    keys = [*PRESETS["planetary-computer"].sources["sentinel2"]["assets"], "SCL"]
-    kept, skipped = filter_items(pc_s2, months=[6, 7, 8, 9, 10], max_cloud_cover=20, assets=keys)
-    assert sorted(i.id[:25] for i in kept) == [
-        "S2A_MSIL2A_20210715T10303",
-        "S2B_MSIL2A_20220720T10362",
-        "S2B_MSIL2A_20220720T10362",
-    ]
-    assert skipped == {"cloud_cover": 1}
-    es_keys = [*PRESETS["earth-search"].sources["sentinel2"]["assets"], "scl"]
-    kept, skipped = filter_items(
-        list(es.values()), months=[6, 7, 8, 9, 10], max_cloud_cover=20, assets=es_keys
-    )
-    assert sorted(i.id for i in kept) == [
-        "S2A_32UPU_20210715_0_L2A",
-        "S2A_32UPU_20220730_0_L2A",
-        "S2B_32UPU_20220720_0_L2A",
-    ]
-    assert skipped == {"month": 1}
-    # Earth Search keys are not Planetary Computer keys: every item lacks them.
-    _, skipped = filter_items(list(es.values()), assets=keys)
-    assert skipped == {"missing_asset": 4}
-    s1 = pc["S1A_IW_GRDH_1SDV_20210705T052343_20210705T052408_038647_048F7C_rtc"]
-    assert filter_items([s1], assets=["vv", "vh"])[0] == [s1]
-
-
-# DN each catalog stores for a surface of reflectance 0.05 (ESA: DN = 10000 ρ, + 1000 from
-# baseline 04.00; Element 84 subtracted that 1000 again where boa_offset_applied is true).
-DN_FOR_005 = {
-    "S2A_MSIL2A_20210715T103031_R108_T32UPU_20210716T003226": 500,  # PC, 03.00
-    "S2B_MSIL2A_20220720T103629_R008_T32UPU_20220720T190234": 1500,  # PC, 04.00
-    "S2B_MSIL2A_20220720T103629_R008_T33UUP_20220720T190234": 1500,  # PC, 04.00
-    "S2A_MSIL2A_20220725T103041_R108_T32UPU_20220725T180725": 1500,  # PC, 04.00
-    "S2A_32UPU_20210715_0_L2A": 500,  # ES, 03.00, raster:bands offset 0
-    "S2A_32UPU_20220105_0_L2A": 500,  # ES, 03.01, raster:bands offset 0
-    "S2B_32UPU_20220720_0_L2A": 500,  # ES, 04.00, harmonised (offset applied)
-    "S2A_32UPU_20220730_0_L2A": 1500,  # ES, 04.00, raw DN, raster:bands offset -0.1
+# Items the Planetary Computer and Earth Search really returned (../shared/data/realstac,
+# see its manifest.json for where each was recorded). Skipped, with the reason, when the
+# shared folder is not beside the repository.
+needs_realstac = pytest.mark.skipif(
+    not REALSTAC.is_dir(), reason=f"{REALSTAC} is absent (../shared beside the repository)"
+)
+PC_S2 = {  # file stem prefix → processing baseline
+    "S2A_MSIL2A_20150704T101006_R022_T35XQA": "02.12",
+    "S2A_MSIL2A_20190101T000001_R116_T60VUK": "02.12",
+    "S2B_MSIL2A_20220612T182919_R027_T24XWR": "04.00",
+    "S2A_MSIL2A_20230216T150721_R082_T19PHS": "04.00",
+    "S2B_MSIL2A_20240825T173909_R098_T13TDE": "05.11",
 }
+ES_S2 = {"S2A_13TDE_20231008_0_L2A": "05.09", "S2B_25LBG_20240809_0_L2A": "05.11"}
+PC_S1 = "S1A_IW_GRDH_1SDV_20240419T045904_20240419T045916_053498_067DF2_rtc"
+COG = "image/tiff; application=geotiff; profile=cloud-optimized"
 
 
+def real(catalog: str, collection: str, stem: str) -> pystac.Item:
+    """A recorded item, read as popdask reads items (``pystac.Item.from_dict``)."""
+    (path,) = (REALSTAC / catalog / collection).glob(f"{stem}*.json")
+    return pystac.Item.from_dict(json.loads(path.read_text()))
+
+
+def pc_s2() -> list[pystac.Item]:
+    return [real("planetary-computer", "sentinel-2-l2a", s) for s in PC_S2]
+
+
+def es_s2() -> list[pystac.Item]:
+    return [real("earth-search", "sentinel-2-l2a", s) for s in ES_S2]
+
+
+def handwritten_es(case: str) -> pystac.Item:
+    """A hand-written Earth Search item, for a case no recorded one covers (see the README
+    of tests/data/stac): ``baseline-03.00`` (before the 2022 change: raster:bands offset 0)
+    or ``flag-false`` (raw DNs of baseline 04.00, ``boa_offset_applied: false``)."""
+    (path,) = (DATA / "earth-search").glob(f"handwritten-{case}_*.json")
+    return pystac.Item.from_dict(json.loads(path.read_text()))
+
+
+def preset_assets(preset: str, source: str = "sentinel2") -> list[str]:
+    """The asset keys a run with ``preset`` reads for ``source`` (through the config)."""
+    data = with_sources(base(preset=preset), **({source: {"datetime": "2021"}}))
+    cfg = getattr(config_from_dict(data).sources, source)
+    return [*cfg.assets, *([cfg.mask_asset] if cfg.mask_asset else [])]
+
+
+@needs_realstac
+@pytest.mark.parametrize(
+    ("preset", "source", "items"),
+    [
+        ("planetary-computer", "sentinel2", pc_s2),
+        (
+            "planetary-computer",
+            "sentinel1",
+            lambda: [real("planetary-computer", "sentinel-1-rtc", PC_S1)],
+        ),
+        ("earth-search", "sentinel2", es_s2),
+    ],
+)
+def test_presets_resolve_to_collections_and_cog_assets_of_real_items(preset, source, items):
+    items = items()
+    collection = PRESETS[preset].sources[source]["collection"]
+    assert {it.collection_id for it in items} == {collection}
+    keys = preset_assets(preset, source)
+    kept, skipped = filter_items(items, assets=keys)
+    assert kept == items and skipped == {}
+    for it in items:
+        for key in keys:  # every key chosen is the COG, over https, never a -jp2 twin
+            asset = it.assets[key]
+            assert asset.media_type == COG, (it.id, key)
+            assert asset.href.startswith("https://"), (it.id, key)
+            assert not key.endswith("-jp2")
+    if preset == "earth-search":  # the twins are there, in a requester-pays bucket
+        for it in items:
+            for key in keys:
+                twin = it.assets[f"{key}-jp2"]
+                assert twin.href.startswith("s3://sentinel-s2-l2a/")
+                assert twin.media_type == "image/jp2"
+
+
+@needs_realstac
+def test_real_items_of_one_catalog_lack_the_other_catalogs_keys():
+    pc_keys, es_keys = preset_assets("planetary-computer"), preset_assets("earth-search")
+    assert filter_items(es_s2(), assets=pc_keys)[1] == {"missing_asset": 2}
+    assert filter_items(pc_s2(), assets=es_keys)[1] == {"missing_asset": 5}
+    # what the skipped items have instead, in the message (never a -jp2 twin as a match)
+    from popdask.sources import asset_drift, drift_message
+
+    es = [it.to_dict(include_self_link=False, transform_hrefs=False) for it in es_s2()]
+    drift = asset_drift(es, pc_keys)
+    assert drift["similar"]["B04"] == ["red"] and drift["similar"]["SCL"] == ["scl"]
+    msg = drift_message("sentinel2", "sentinel-2-l2a", drift, of=2)
+    assert "2 of 2 items" in msg and "lack asset 'B01' (2), like 'coastal'" in msg
+    assert "Earth Search's band names" in msg and "\n" not in msg
+    assert asset_drift(es, es_keys) is None
+
+
+@needs_realstac
+def test_real_items_filter_on_months_and_cloud_cover():
+    items = (
+        pc_s2()
+    )  # July 2015 (98 %), Jan 2019 (56 %), June 2022 (31 %), Feb 2023, Aug 2024 (49 %)
+    kept, skipped = filter_items(items, months=[6, 7, 8, 9, 10], max_cloud_cover=40)
+    assert [it.id[:25] for it in kept] == ["S2B_MSIL2A_20220612T18291"]
+    assert skipped == {"month": 2, "cloud_cover": 2}
+
+
+# DN each item stores for a surface of reflectance 0.05: ESA writes 10000 ρ, + 1000 from
+# baseline 04.00 on; Earth Search subtracted that 1000 again where boa_offset_applied is true.
+def _dn_for_005(item: pystac.Item) -> int:
+    baseline = float(item.properties["s2:processing_baseline"])
+    harmonised = item.properties.get("earthsearch:boa_offset_applied") is True
+    return 1500 if baseline >= 4 and not harmonised else 500
+
+
+@needs_realstac
 @pytest.mark.parametrize("catalog", ["planetary-computer", "earth-search"])
 def test_same_surface_same_reflectance_across_catalogs_and_baselines(catalog):
-    items = [i for i in recorded(catalog).values() if i.collection_id == "sentinel-2-l2a"]
-    s2 = PRESETS[catalog].sources["sentinel2"]
-    assets = [*s2["assets"], s2["mask_asset"]]
+    if catalog == "planetary-computer":
+        items = pc_s2()
+        # PC: no raster:bands at all, the offset can only come from the baseline
+        assert not any("raster:bands" in a.extra_fields for it in items for a in it.assets.values())
+    else:
+        # recorded items are all baseline ≥ 05 and harmonised; the hand-written two add the
+        # other side of the 2022 change and an unharmonised item
+        items = [*es_s2(), handwritten_es("baseline-03.00"), handwritten_es("flag-false")]
+    assets = preset_assets(catalog)
     scale, offset = scale_offset(items, assets, name="sentinel2")
-    dn = np.array([DN_FOR_005[i.id] for i in items], np.float64)
+    dn = np.array([_dn_for_005(i) for i in items], np.float64)
     assert {500, 1500} <= set(dn)  # both sides of the baseline change are covered
     refl = dn[:, None] * scale[:, :-1] + offset[:, :-1]
     np.testing.assert_allclose(refl, 0.05, atol=1e-9)
@@ -321,47 +393,107 @@ def test_same_surface_same_reflectance_across_catalogs_and_baselines(catalog):
         np.testing.assert_allclose(out, 0.05, atol=1e-6)
 
 
+@needs_realstac
 def test_harmonised_earth_search_item_is_not_offset_twice():
-    es = recorded("earth-search")
-    item = es["S2B_32UPU_20220720_0_L2A"]
+    item = es_s2()[0]
     assert item.assets["red"].extra_fields["raster:bands"][0]["offset"] == -0.1
     assert item.properties["earthsearch:boa_offset_applied"] is True
     scale, offset = scale_offset([item], ["red"], name="sentinel2")
     assert (scale[0, 0], offset[0, 0]) == (0.0001, 0.0)
-    raw = es["S2A_32UPU_20220730_0_L2A"]
+    raw = handwritten_es("flag-false")
     assert scale_offset([raw], ["red"], name="sentinel2")[1][0, 0] == -0.1
 
 
+@needs_realstac
 def test_sentinel1_scale_is_one():
-    s1 = recorded("planetary-computer")[
-        "S1A_IW_GRDH_1SDV_20210705T052343_20210705T052408_038647_048F7C_rtc"
-    ]
+    s1 = real("planetary-computer", "sentinel-1-rtc", PC_S1)
     scale, offset = scale_offset([s1], ["vv", "vh"], name="sentinel1")
     assert (scale == 1).all() and (offset == 0).all()
 
 
+def _frames_without_datetime(s1: pystac.Item) -> list[dict]:
+    """Two frames of the recorded S1 RTC pass given by their range only (``datetime``
+    null, which STAC allows) in its space-separated form, a frame of the next day whose
+    ``datetime`` is RFC 3339, and a frame of the same pass given in local time (+02:00)
+    that is the earliest in UTC."""
+    d = s1.to_dict(include_self_link=False, transform_hrefs=False)
+    start = d["properties"]["start_datetime"]
+    assert start == "2024-04-19 04:59:04.220006+00:00"  # the quirk, as recorded
+    frames = []
+    for iid, props in [
+        ("f1", {"datetime": None}),
+        ("f2", {"datetime": None, "start_datetime": "2024-04-19 04:59:29.220006+00:00"}),
+        ("next", {"datetime": "2024-04-20T04:50:00Z", "start_datetime": None}),
+        ("local", {"datetime": None, "start_datetime": "2024-04-19 06:59:00+02:00"}),
+    ]:
+        frames.append({**d, "id": iid, "properties": {**d["properties"], **props}})
+    return frames
+
+
+@needs_realstac
+def test_space_separated_s1_dates_parse_wherever_dates_are_read():
+    from popdask.catalog import choose_items
+    from popdask.sources import item_time
+
+    s1 = real("planetary-computer", "sentinel-1-rtc", PC_S1)
+    assert item_time(s1.properties).isoformat() == "2024-04-19T04:59:10.436706+00:00"
+    frames = _frames_without_datetime(s1)
+    items = [pystac.Item.from_dict(f) for f in frames]
+    assert [item_time(f["properties"]).isoformat() for f in frames] == [
+        "2024-04-19T04:59:04.220006+00:00",
+        "2024-04-19T04:59:29.220006+00:00",
+        "2024-04-20T04:50:00+00:00",
+        "2024-04-19T04:59:00+00:00",
+    ]
+    # months
+    assert len(filter_items(items, months=[4])[0]) == 4
+    assert filter_items(items, months=[5])[1] == {"month": 4}
+    # acquisition days: the frames of one pass are one day
+    assert day_groups(items).tolist() == [0, 0, 1, 0]
+    # the choice per footprint (per day) and its date order: by time, not by string
+    choice = choose_items(frames, 2)
+    assert choice.groups == {"orbit 51 descending": {"usable": 4, "kept": 4}}
+    assert [d["id"] for d in choice.items] == ["local", "f1", "f2", "next"]
+
+
 def test_day_groups_join_granules_of_one_date():
-    pc = recorded("planetary-computer")
-    items = sorted(
-        (i for i in pc.values() if i.collection_id == "sentinel-2-l2a"), key=lambda i: i.id
-    )
-    groups = dict(zip([i.id[:38] for i in items], day_groups(items), strict=True))
-    assert (
-        groups["S2B_MSIL2A_20220720T103629_R008_T32UPU"]
-        == groups["S2B_MSIL2A_20220720T103629_R008_T33UUP"]
-    )
-    assert len(set(groups.values())) == 3
+    a = pystac.Item("a", None, None, pystac.utils.str_to_datetime("2022-07-20T10:36:29Z"), {})
+    b = pystac.Item("b", None, None, pystac.utils.str_to_datetime("2022-07-20T10:36:32Z"), {})
+    c = pystac.Item("c", None, None, pystac.utils.str_to_datetime("2022-07-25T10:30:00Z"), {})
+    assert day_groups([a, b, c]).tolist() == [0, 0, 1]
 
 
-def test_plain_items_restore_proj_epsg_for_stackstac():
-    it = recorded("planetary-computer")["S2B_MSIL2A_20220720T103629_R008_T33UUP_20220720T190234"]
-    (d,) = plain_items([it], ["B04", "SCL"])
-    assert d["properties"]["proj:epsg"] == 32633
-    assert d["assets"]["B04"]["href"] == it.assets["B04"].href
-    assert "proj:epsg" not in it.properties  # the item itself is untouched
-    (sub,) = plain_items([it], ["B04"], subdataset="NETCDF:var")
-    assert sub["assets"]["B04"]["href"] == f'NETCDF:"/vsicurl/{it.assets["B04"].href}":var'
-    assert sub["assets"]["SCL"]["href"] == it.assets["SCL"].href  # only the asked assets
+@needs_realstac
+@pytest.mark.parametrize(
+    ("item", "key"),
+    [
+        (lambda: pc_s2()[-1], "B04"),
+        (lambda: es_s2()[0], "red"),
+        (lambda: real("planetary-computer", "sentinel-1-rtc", PC_S1), "vv"),
+    ],
+)
+def test_plain_items_restore_proj_epsg_for_stackstac(item, key):
+    """Real items carry ``proj:epsg`` and no ``proj:code``; pystac turns the one into the
+    other; without ``proj:epsg`` stackstac places the asset by the item's lon/lat bbox."""
+    from stackstac.prepare import prepare_items
+
+    it = item()
+    raw = it.to_dict(include_self_link=False, transform_hrefs=False)
+    epsg = int(it.properties["proj:code"].split(":")[1])
+    assert "proj:epsg" not in it.properties  # what popdask must cope with
+    (d,) = plain_items([it], [key])
+    assert d["properties"]["proj:epsg"] == epsg and "proj:epsg" not in it.properties
+    assert d["assets"][key]["href"] == it.assets[key].href
+    shape = d["assets"][key].get("proj:shape") or d["properties"]["proj:shape"]
+    transform = d["assets"][key].get("proj:transform") or d["properties"]["proj:transform"]
+    a = Affine(*transform[:6])
+    expected = [a.c, a.f + a.e * shape[0], a.c + a.a * shape[1], a.f]
+    table, *_ = prepare_items([d], assets=[key], epsg=epsg, resolution=20)
+    np.testing.assert_allclose(table["bounds"][0, 0].tolist(), expected)
+    wrong, *_ = prepare_items([raw], assets=[key], epsg=epsg, resolution=20)
+    assert not np.allclose(wrong["bounds"][0, 0].tolist(), expected)
+    (sub,) = plain_items([it], [key], subdataset="NETCDF:var")
+    assert sub["assets"][key]["href"] == f'NETCDF:"/vsicurl/{it.assets[key].href}":var'
 
 
 # --------------------------------------------------------------------------------------
