@@ -244,6 +244,7 @@ def composite_pass(
         reduce=counts.add,
     )
     counts.report()
+    _require_scenes(cfg, counts)
     return done
 
 
@@ -254,13 +255,25 @@ class _CatalogCounts:
     def __init__(self) -> None:
         self.items: dict[str, dict[str, int]] = {}
         self.no_scene = 0
+        self.corrected = 0
+        self.corrected_tiles = 0
+        self.implausible = 0
 
     def add(self, tile: Tile, summary: dict[str, Any]) -> None:
         for name, c in summary["sources"].items():
-            mine = self.items.setdefault(name, {"found": 0, "kept": 0, "tiles_without": 0})
+            mine = self.items.setdefault(
+                name, {"found": 0, "kept": 0, "tiles_without": 0, "missing_assets": 0}
+            )
             mine["found"] += c["found"]
             mine["kept"] += c["kept"]
             mine["tiles_without"] += c["kept"] == 0
+            mine["missing_assets"] += c.get("skipped", {}).get("missing_asset", 0)
+        fixed = sum(len(o["corrected"]) for o in summary.get("offset_check", {}).values())
+        self.corrected += fixed
+        self.corrected_tiles += fixed > 0
+        self.implausible += sum(
+            len(o["implausible"]) for o in summary.get("offset_check", {}).values()
+        )
         if summary["no_usable_scene"]:
             self.no_scene += 1
             log.warning(
@@ -272,14 +285,46 @@ class _CatalogCounts:
     def report(self) -> None:
         if self.no_scene:
             log.warning("composite: %d tiles without a usable Sentinel-2 scene", self.no_scene)
+        if self.corrected:
+            log.warning(
+                "composite: %d items' radiometric offsets corrected from their pixels in %d "
+                "tiles (popdask status lists them)",
+                self.corrected,
+                self.corrected_tiles,
+            )
+        if self.implausible:
+            log.warning("composite: %d items' pixels fit neither offset", self.implausible)
         for name, c in self.items.items():
             log.info(
-                "composite: %s: %d items used of %d found; %d tiles without any",
+                "composite: %s: %d items used of %d found (%d skipped for a missing asset "
+                "key); %d tiles without any",
                 name,
                 c["kept"],
                 c["found"],
+                c["missing_assets"],
                 c["tiles_without"],
             )
+
+
+def _require_scenes(cfg: Config, counts: _CatalogCounts) -> None:
+    """Fail the run in one line when no tile of the region has a usable Sentinel-2 scene:
+    there is nothing to fit a model on."""
+    scenes = store.tile_scenes(cfg.output.store, cfg.output.storage_options)
+    if (scenes > 0).any():
+        return
+    s2 = cfg.sources.sentinel2
+    c = counts.items.get("sentinel2", {})
+    why = (
+        f"{c.get('found', 0)} items found, {c.get('missing_assets', 0)} of them without a "
+        f"configured asset key ({[*s2.assets, s2.mask_asset]})"
+        if c
+        else "no tile was composited in this run"
+    )
+    raise PipelineError(
+        f"sources.sentinel2: no tile of the region has a usable scene of {s2.collection!r} "
+        f"({why}); check sources.sentinel2 (collection, assets, mask_asset, months, "
+        "max_cloud_cover, datetime) against the catalog"
+    )
 
 
 # --------------------------------------------------------------------------------------

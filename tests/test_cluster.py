@@ -96,16 +96,17 @@ def test_the_local_cluster_listens_on_loopback_only():
     """The scheduler, its dashboard and the workers bind 127.0.0.1, never every interface."""
     import psutil
 
+    def listening() -> set:
+        conns = psutil.Process().net_connections(kind="tcp")
+        return {c.laddr for c in conns if c.status == psutil.CONN_LISTEN}
+
+    before = listening()  # what other tests of this process left listening
     with get_client(CFG) as client:
         port = int(client.dashboard_link.split(":")[2].split("/")[0])
-        listening = [
-            c.laddr
-            for c in psutil.Process().net_connections(kind="tcp")
-            if c.status == psutil.CONN_LISTEN
-        ]
+        opened = listening() - before
         workers = list(client.scheduler_info()["workers"])
         assert client.scheduler.address.startswith("tcp://127.0.0.1:")
-    dashboard = [a for a in listening if a.port == port]
+    dashboard = [a for a in opened if a.port == port]
     assert dashboard and all(a.ip == "127.0.0.1" for a in dashboard)
-    assert all(a.ip in ("127.0.0.1", "::1") for a in listening), listening
+    assert all(a.ip in ("127.0.0.1", "::1") for a in opened), opened
     assert workers and all(w.startswith("tcp://127.0.0.1:") for w in workers)

@@ -16,7 +16,7 @@ import xarray as xr
 from popdask import catalog, cli, store
 from popdask.config import load_config
 from popdask.model import PixelModel
-from popdask.pipeline import active_terms, run
+from popdask.pipeline import PipelineError, active_terms, run
 
 pytestmark = pytest.mark.integration
 
@@ -427,3 +427,20 @@ def test_a_rerun_with_another_configuration_is_refused(finished, dask_cluster, t
         result = run(cfg, client=client, progress=False, report_dir=tmp_path)
     assert result.computed_tiles == {"composite": [], "label": [], "predict": []}
     np.testing.assert_array_equal(store.tile_status(str(copy)), before)
+
+
+def test_a_run_with_no_usable_scene_anywhere_fails_in_one_line(finished, dask_cluster, tmp_path):
+    """Every Sentinel-2 item filtered out (the months asked for have none): the composite
+    pass records each tile without a scene, then the run stops before fitting on nothing."""
+    from distributed import Client
+
+    out = tmp_path / "none.zarr"
+    cfg = load_config(finished, overrides=[f"output.path={out}", "sources.sentinel2.months=[1]"])
+    with Client(dask_cluster) as client, pytest.raises(PipelineError) as e:
+        run(cfg, client=client, progress=False, report_dir=tmp_path)
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1
+    assert "sources.sentinel2: no tile of the region has a usable scene" in msg
+    assert "months" in msg and "found" in msg
+    assert (store.tile_scenes(str(out)) == 0).all()
+    assert not (out / "model").exists()  # nothing fitted
