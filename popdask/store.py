@@ -9,6 +9,9 @@ only. Besides the contract variables the store holds:
 - ``tile_status`` (tile_row, tile_col) int8, one chunk per tile: 0 missing, 1 composite
   written, 2 labelled, 3 complete, -1 failed. It is set only after a tile's data is written,
   so a killed run loses at most the tiles in flight;
+- ``tile_scenes`` (tile_row, tile_col) int16: the Sentinel-2 scenes each tile composited
+  (0: none usable; unwritten, -1: not composited yet), written by the composite task;
+- ``catalog/{source}/{tile}.ndjson.gz``: the items each tile used (:mod:`popdask.catalog`);
 - ``terms`` (term, y, x) float32: the raw covariate layers of the regression terms
   (:func:`ensure_terms`), so the predict pass needs neither the composite nor a wide halo;
 - a ``model`` group with the fitted model as plain arrays (never pickle).
