@@ -91,11 +91,13 @@ def _run_tiles(
     reduce: Callable[[Tile, Any], None] | None = None,
     settle: Callable[[], Any] | None = None,
     stats: WindowStats | None = None,
+    failed_code: int = store.FAILED,
 ) -> list[str]:
     """Compute ``build(tile)`` (a delayed write that marks its tile) for every tile.
 
     Tiles are kept in flight by :func:`popdask.scheduler.map_tiles`; each result goes to
-    ``reduce(tile, value)`` as it arrives. A tile that fails is marked failed (-1). Returns
+    ``reduce(tile, value)`` as it arrives. A tile that fails is marked ``failed_code``
+    (the pass's: its earlier passes stay done, :func:`popdask.store.failed_code`). Returns
     the ids of the tiles computed. Raises :class:`PipelineError` if any failed. ``settle``
     is called once the tiles are done, before the store's attributes are touched (a write
     of the caller's still running, say).
@@ -103,6 +105,7 @@ def _run_tiles(
     failed: dict[str, str] = {}
     n_failed = 0
     done: list[str] = []
+    failed_status = failed_code
     stats = WindowStats() if stats is None else stats
     results = map_tiles(
         client, tiles, build, desc=desc, progress=progress, per_thread=per_thread, stats=stats
@@ -117,7 +120,7 @@ def _run_tiles(
         if len(failed) < FAILED_LISTED:
             failed[r.tile.id] = f"{type(r.error).__name__}: {r.error}"
         log.error("%s: tile %s failed: %s", desc, r.tile.id, _error_text(r.error))
-        store.set_status(path, [r.tile], store.FAILED, storage_options)
+        store.set_status(path, [r.tile], failed_status, storage_options)
     log.info(
         "%s: %d tiles, at most %d in flight for %d worker threads",
         desc,
@@ -159,7 +162,7 @@ def _tile_pass(
     status write (:func:`popdask.tasks.marked`).
     """
     path, so = cfg.output.store, cfg.output.storage_options
-    status = store.tile_status(path, so)
+    status = store.progress(store.tile_status(path, so))
     todo = [t for t in grid.tiles() if status[t.row, t.col] < done_code]
     log.info("%s: %d of %d tiles to do", desc, len(todo), status.size)
 
@@ -178,6 +181,7 @@ def _tile_pass(
         per_thread=cfg.cluster.tiles_per_thread,
         reduce=reduce,
         settle=settle,
+        failed_code=store.failed_code(done_code),
     )
 
 

@@ -7,8 +7,9 @@ by every variable. Zarr chunks are the tiles, so each tile write touches its own
 only. Besides the contract variables the store holds:
 
 - ``tile_status`` (tile_row, tile_col) int8, one chunk per tile: 0 missing, 1 composite
-  written, 2 labelled, 3 complete, -1 failed. It is set only after a tile's data is written,
-  so a killed run loses at most the tiles in flight;
+  written, 2 labelled, 3 complete; -1, -2, -3 failed in the composite, label or predict
+  pass (:func:`failed_code`; the passes before it stay done, :func:`progress`). It is set
+  only after a tile's data is written, so a killed run loses at most the tiles in flight;
 - ``tile_scenes`` (tile_row, tile_col) int16: the Sentinel-2 scenes each tile composited
   (0: none usable; unwritten, -1: not composited yet), written by the composite task;
 - ``catalog/{source}/{tile}.ndjson.gz``: the items each tile used (:mod:`popdask.catalog`);
@@ -43,8 +44,25 @@ STATUS_NAMES = {
     COMPOSITED: "composite",
     LABELLED: "labelled",
     COMPLETE: "complete",
-    FAILED: "failed",
+    FAILED: "failed composite",
+    -LABELLED: "failed label",
+    -COMPLETE: "failed predict",
 }
+
+
+def failed_code(done_code: int) -> int:
+    """The status of a tile whose pass of ``done_code`` failed: ``-done_code``, so that the
+    passes before it stay done (a failed label keeps its composite)."""
+    return -done_code
+
+
+def progress(status: np.ndarray) -> np.ndarray:
+    """The last pass each tile has done (``MISSING`` … ``COMPLETE``): a failed pass's tile
+    has done the one before it."""
+    status = np.asarray(status)
+    return np.where(status < 0, -status - 1, status)
+
+
 # Zarr v2: GDAL (3.10, as in the rasterio wheels) reads it; its v3 reader lacks the codecs.
 ZARR_FORMAT = 2
 # The composite (most of the store, written once, read whole by the label pass) takes lz4hc

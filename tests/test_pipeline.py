@@ -444,3 +444,42 @@ def test_a_run_with_no_usable_scene_anywhere_fails_in_one_line(finished, dask_cl
     assert "months" in msg and "found" in msg
     assert (store.tile_scenes(str(out)) == 0).all()
     assert not (out / "model").exists()  # nothing fitted
+
+
+def test_a_failed_label_keeps_its_composite_and_a_rerun_resumes_from_the_label(
+    finished, dask_cluster, tmp_path, capsys
+):
+    """A tile whose label task fails is marked failed *in the label pass*: its composite
+    stays done, and the next run labels it without searching or reading the catalog."""
+    import shutil
+
+    from distributed import Client
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(load_config(finished).output.path, copy)
+    cfg = load_config(finished, overrides=[f"output.path={copy}"])
+    grid = cfg.make_grid()
+    store.set_status(str(copy), grid.tiles(), store.COMPOSITED)  # label and predict again
+    bad = grid.tiles()[0]
+    chunk = copy / "composite" / f"0.{bad.row}.{bad.col}"
+    good = chunk.read_bytes()
+    chunk.write_bytes(b"not a blosc chunk" * 10)
+    with Client(dask_cluster) as client:
+        with pytest.raises(PipelineError, match="label pass"):
+            run(cfg, client=client, progress=False, report_dir=tmp_path)
+        status = store.tile_status(str(copy))
+        assert status[bad.row, bad.col] == store.failed_code(store.LABELLED) == -2
+        others = [t for t in grid.tiles() if t.id != bad.id]
+        assert all(status[t.row, t.col] == store.LABELLED for t in others)
+        assert cli.main(["status", str(copy)]) == 3
+        assert "1 failed label" in capsys.readouterr().out
+        chunk.write_bytes(good)
+        result = run(cfg, client=client, progress=False, report_dir=tmp_path)
+    assert result.computed_tiles["composite"] == []
+    assert result.computed_tiles["label"] == [bad.id]
+    assert sorted(result.computed_tiles["predict"]) == sorted(t.id for t in grid.tiles())
+    assert (store.tile_status(str(copy)) == store.COMPLETE).all()
+    clean = xr.open_zarr(load_config(finished).output.path)
+    np.testing.assert_allclose(
+        xr.open_zarr(copy).population.values, clean.population.values, rtol=1e-5, atol=1e-6
+    )
