@@ -36,6 +36,7 @@ from popdask import chunkio
 from popdask import composite as comp
 from popdask.config import Config, ReadConfig, SourceConfig
 from popdask.grid import EPSG
+from popdask.reader import count_filled
 from popdask.sources import (
     CHECK_BANDS,
     SourceError,
@@ -646,8 +647,25 @@ def composite_tile(
     if no_scene:  # no reflectance: the tile has no pixel to label, read nothing else
         parts = [(name, cfg, []) for name, cfg, _ in parts]
     lazy = build_composite(parts, bounds, resolution=resolution, sign=sign, read=read)
-    out, checks = dask.compute(lazy.data, lazy.checks, scheduler="synchronous")
-    summary = {"sources": counts, "no_usable_scene": no_scene, "offset_check": {}}
+    with count_filled() as filled:  # the reads of missing assets, filled as nodata
+        out, checks = dask.compute(lazy.data, lazy.checks, scheduler="synchronous")
+    n_s2 = len(next((s.config.bands for s in sources if s.name == "sentinel2"), []))
+    summary = {
+        "sources": counts,
+        "no_usable_scene": no_scene,
+        "offset_check": {},
+        "reads_filled": len(filled),
+        "filled": filled[:5],
+        # the share of the tile's pixels with every Sentinel-2 band
+        "valid_share": float(np.isfinite(out[:n_s2]).all(axis=0).mean()) if n_s2 else 0.0,
+    }
+    if filled:
+        log.warning(
+            "%s: %d reads filled as nodata (assets the catalog lists but storage has not, e.g. %s)",
+            tile_id,
+            len(filled),
+            filled[0],
+        )
     for name, rows in checks.items():
         rec = records[name]
         bands = next(s.config.bands for s in sources if s.name == name)

@@ -86,51 +86,70 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{census['cells_known']} known, {census['cells_absent_zero']} zero by absence, "
             f"{census['cells_unknown']} unknown"
         )
-    _print_scenes(args.store, json.loads(args.storage_options))
+    _print_scenes(args.store, json.loads(args.storage_options), min_scenes=args.min_scenes)
     return 0 if np.all(status == store.COMPLETE) else 3
 
 
-def _print_scenes(path: str, so: dict, named: int = 10) -> None:
-    """The Sentinel-2 scenes per composited tile, the tiles that had none usable, and the
-    items whose radiometric offset was corrected from their pixels."""
+def _print_scenes(path: str, so: dict, min_scenes: int = 3, named: int = 10) -> None:
+    """What the composite tasks counted: Sentinel-2 scenes per tile, the tiles that had
+    none usable or fewer than ``min_scenes``, reads filled as nodata, the valid share, and
+    the items whose radiometric offset was corrected from their pixels."""
     import numpy as np
 
     from popdask import store
 
     try:
         scenes = store.tile_scenes(path, so)
-    except KeyError:  # a store written before the scenes were counted
+        counts = store.tile_counts(path, so)
+    except KeyError:  # a store written before the composites were counted
         return
-    done = scenes[scenes >= 0]
-    if not done.size:
+    done = scenes >= 0
+    if not done.any():
         return
+    ids = _tile_ids(path, so)
+    n = scenes[done]
     print(
-        f"  Sentinel-2 scenes per composited tile: min {done.min()}, median "
-        f"{int(np.median(done))}, max {done.max()} ({done.size} tiles)"
+        f"  Sentinel-2 scenes per composited tile: min {n.min()}, median "
+        f"{int(np.median(n))}, max {n.max()} ({n.size} tiles)"
     )
-    empty = _tile_ids(path, so, scenes == 0)
-    if empty:
-        more = f" and {len(empty) - named} more" if len(empty) > named else ""
+
+    def name(mask) -> str:
+        picked = [ids[int(r), int(c)] for r, c in np.argwhere(mask)]
+        more = f" and {len(picked) - named} more" if len(picked) > named else ""
+        return f"{', '.join(picked[:named])}{more}"
+
+    if (scenes == 0).any():
         print(
-            f"  {len(empty)} tiles without a usable scene (their people are the census spread "
-            f"evenly over their cells): {', '.join(empty[:named])}{more}"
+            f"  {int((scenes == 0).sum())} tiles without a usable scene (their people are the "
+            f"census spread evenly over their cells): {name(scenes == 0)}"
         )
-    _print_offsets(path, so, _tile_ids(path, so, scenes > 0), named=named)
+    few = (scenes > 0) & (scenes < min_scenes)
+    if few.any():
+        print(
+            f"  {int(few.sum())} tiles composited from fewer than {min_scenes} scenes: {name(few)}"
+        )
+    valid = counts["valid_permille"][done] / 10
+    low, mid = valid.min(), np.median(valid)
+    print(f"  valid pixels per composited tile: min {low:.1f} %, median {mid:.1f} %")
+    filled = counts["reads_filled"]
+    if (filled > 0).any():
+        print(
+            f"  {int(filled[filled > 0].sum())} reads filled as nodata (assets the catalog "
+            f"lists but storage has not) in {int((filled > 0).sum())} tiles: {name(filled > 0)}"
+        )
+    fixed = counts["offsets_corrected"] > 0
+    if fixed.any():
+        _print_offsets(path, so, [ids[int(r), int(c)] for r, c in np.argwhere(fixed)], named=named)
 
 
-def _tile_ids(path: str, so: dict, where) -> list[str]:
-    """Ids of the tiles where the ``(tile_row, tile_col)`` mask ``where`` is true."""
-    import numpy as np
-
+def _tile_ids(path: str, so: dict) -> dict[tuple[int, int], str]:
+    """``{(tile_row, tile_col): tile id}`` of the store's grid."""
     from popdask import store
     from popdask.grid import Grid
 
-    cells = np.argwhere(where)
-    if not len(cells):
-        return []
     g = store.root_attrs(path, so)["popdask"]["grid"]
     grid = Grid(tuple(g["bounds"]), resolution=g["resolution"], cell=g["cell"], tile=g["tile"])
-    return [grid.find_tile((int(r), int(c))).id for r, c in cells]
+    return {(t.row, t.col): t.id for t in grid.tiles()}
 
 
 def _print_offsets(path: str, so: dict, tile_ids: list[str], named: int = 10) -> None:
@@ -288,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="tiles done / missing / failed in a store")
     s.add_argument("store", help="path or URL of the output Zarr store")
     s.add_argument("--storage-options", default="{}", help="JSON fsspec storage options")
+    s.add_argument(
+        "--min-scenes",
+        type=int,
+        default=3,
+        help="name the tiles composited from fewer Sentinel-2 scenes (default: 3)",
+    )
     s.set_defaults(func=cmd_status)
 
     e = sub.add_parser(

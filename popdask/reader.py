@@ -34,10 +34,12 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import rasterio
+import rasterio.errors
 from rasterio.enums import MaskFlags, Resampling
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
@@ -47,7 +49,6 @@ from rasterio.windows import from_bounds as window_from_bounds
 from stackstac.rio_reader import (
     MULTITHREADED_DRIVER_ALLOWLIST,
     AutoParallelRioReader,
-    NodataReader,
     SelfCleaningDatasetReader,
     SingleThreadedRioDataset,
     ThreadLocalRioDataset,
@@ -238,6 +239,33 @@ class NearestGather:
             self.ds.close()
 
 
+#: Read errors that mean the asset is not there (the catalog lists a file its storage no
+#: longer has): read as nodata and counted (:func:`count_filled`), never retried. Every
+#: other error is retried and then fails the tile. (stackstac's own ``errors_as_nodata`` is
+#: off: the fill is decided and counted here only.)
+NOT_FOUND = (rasterio.errors.RasterioIOError("HTTP response code: 404"),)
+
+_filled = threading.local()
+
+
+@contextmanager
+def count_filled() -> Iterator[list[str]]:
+    """The (redacted) hrefs of the reads filled as nodata in this thread while inside: a
+    tile task counts its losses with it."""
+    previous = getattr(_filled, "hrefs", None)
+    _filled.hrefs = hrefs = []
+    try:
+        yield hrefs
+    finally:
+        _filled.hrefs = previous
+
+
+def _note_filled(url: str) -> None:
+    hrefs = getattr(_filled, "hrefs", None)
+    if hrefs is not None:
+        hrefs.append(redact(url))
+
+
 class ClosingReader(AutoParallelRioReader):
     """stackstac's reader, closing its dataset after each read and retrying failures.
 
@@ -255,12 +283,8 @@ class ClosingReader(AutoParallelRioReader):
         with self.gdal_env.open:
             try:
                 ds = SelfCleaningDatasetReader(self.url, sharing=False)
-            except Exception as e:  # as stackstac: a 404 (errors_as_nodata) reads as nodata
-                msg = f"Error opening {self.url!r}: {e!r}"
-                if exception_matches(e, self.errors_as_nodata):
-                    warnings.warn(msg, stacklevel=2)
-                    return NodataReader(dtype=self.dtype, fill_value=self.fill_value)
-                raise RuntimeError(msg) from e
+            except Exception as e:  # a missing file is filled and counted by read()
+                raise RuntimeError(f"Error opening {self.url!r}: {e!r}") from e
             if ds.count != 1:
                 ds.close()
                 return super()._open()  # stackstac raises its multi-band error
@@ -303,11 +327,7 @@ class ClosingReader(AutoParallelRioReader):
                     scale_offset=self.scale_offset,
                 )
             except Exception as e:
-                msg = f"Error reading {window} from {self.url!r}: {e!r}"
-                if exception_matches(e, self.errors_as_nodata):
-                    warnings.warn(msg, stacklevel=2)
-                    return nodata_for_window(window, self.fill_value, self.dtype)
-                raise RuntimeError(msg) from e
+                raise RuntimeError(f"Error reading {window} from {self.url!r}: {e!r}") from e
         return super().read(window, **kwargs)
 
     def read(self, window: Window, **kwargs) -> np.ndarray:
@@ -319,6 +339,10 @@ class ClosingReader(AutoParallelRioReader):
                 text = str(e)
                 cause = e.__cause__ or e
                 clean, clean_cause = self._clean(text), self._clean(str(cause))
+                if exception_matches(cause, NOT_FOUND):  # gone: no retry heals it
+                    warnings.warn(f"{clean}; read as nodata", stacklevel=2)
+                    _note_filled(self.url)
+                    return nodata_for_window(window, self.fill_value, self.dtype)
                 if attempt == RETRIES:
                     if clean == text:
                         raise

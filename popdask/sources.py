@@ -609,6 +609,7 @@ def load_stack(
         band_coords=False,
         gdal_env=gdal_env(read),
         reader=reader,
+        errors_as_nodata=(),  # a missing asset is filled and counted by popdask's reader
     )
 
 

@@ -12,6 +12,8 @@ only. Besides the contract variables the store holds:
   only after a tile's data is written, so a killed run loses at most the tiles in flight;
 - ``tile_scenes`` (tile_row, tile_col) int16: the Sentinel-2 scenes each tile composited
   (0: none usable; unwritten, -1: not composited yet), written by the composite task;
+- ``tile_counts`` (count, tile_row, tile_col) int32: what the composite task counted
+  (:data:`COUNT_NAMES`: items found and used, reads filled as nodata, valid share);
 - ``catalog/{source}/{tile}.ndjson.gz``: the items each tile used (:mod:`popdask.catalog`);
 - ``terms`` (term, y, x) float32: the raw covariate layers of the regression terms
   (:func:`ensure_terms`), so the predict pass needs neither the composite nor a wide halo;
@@ -39,6 +41,12 @@ from popdask.grid import CRS, Grid, Tile
 
 MISSING, COMPOSITED, LABELLED, COMPLETE, FAILED = 0, 1, 2, 3, -1
 TILE_SCENES = "tile_scenes"
+#: What each composite task counts of its tile (``tile_counts``, ``count`` axis): the
+#: Sentinel-2 items its search found and those it used, its reads filled as nodata (assets
+#: the catalog lists but storage has not), the share of its pixels with every Sentinel-2
+#: band in thousandths, and the items whose radiometric offset its pixels corrected.
+TILE_COUNTS = "tile_counts"
+COUNT_NAMES = ("items_found", "items_used", "reads_filled", "valid_permille", "offsets_corrected")
 STATUS_NAMES = {
     MISSING: "missing",
     COMPOSITED: "composite",
@@ -198,6 +206,11 @@ def template(grid: Grid, bands: list[str], kinds: list[str], census: xr.DataArra
                     "flag_meanings": " ".join(STATUS_NAMES.values()),
                 },
             ),
+            TILE_COUNTS: (
+                ("count", "tile_row", "tile_col"),
+                da.full((len(COUNT_NAMES), rows, cols), -1, np.int32, chunks=(-1, 1, 1)),
+                {"long_name": "what each tile's composite counted", "counts": list(COUNT_NAMES)},
+            ),
             TILE_SCENES: (
                 ("tile_row", "tile_col"),
                 da.full((rows, cols), -1, np.int16, chunks=1),
@@ -220,7 +233,7 @@ def template(grid: Grid, bands: list[str], kinds: list[str], census: xr.DataArra
     ds = ds.rio.write_crs(CRS)
     wkt = ds.spatial_ref.attrs["crs_wkt"]
     for name in ds.data_vars:
-        if name in ("tile_status", TILE_SCENES):
+        if name in ("tile_status", TILE_SCENES, TILE_COUNTS):
             ds[name].encoding.pop("grid_mapping", None)
             continue
         ds[name].encoding["coordinates"] = "spatial_ref"
@@ -280,6 +293,7 @@ def create(
         "composite": {"compressors": [SMALL_CODEC]},
         # unwritten: not composited yet (read as NaN by xarray, -1 by popdask)
         TILE_SCENES: {"_FillValue": -1},
+        TILE_COUNTS: {"_FillValue": -1},
         # one chunk per tile, so a tile task reads its own cells only
         "census": {"chunks": (grid.tile // grid.cell,) * 2},
     }
@@ -354,6 +368,18 @@ def tile_scenes(path: str, storage_options=None) -> np.ndarray:
 def set_scenes(path: str, tile: Tile, n: int, storage_options=None) -> None:
     """Record that ``tile`` composited ``n`` Sentinel-2 scenes (its own chunk)."""
     ChunkArray(path, TILE_SCENES, storage_options).write((tile.row, tile.col), n)
+
+
+def tile_counts(path: str, storage_options=None) -> dict[str, np.ndarray]:
+    """``{count name: (tile_row, tile_col)}`` of :data:`COUNT_NAMES` (-1: not composited)."""
+    values = ChunkArray(path, TILE_COUNTS, storage_options).read((slice(None),) * 3)
+    return dict(zip(COUNT_NAMES, values, strict=True))
+
+
+def set_counts(path: str, tile: Tile, counts: Mapping[str, int], storage_options=None) -> None:
+    """Record a tile's :data:`COUNT_NAMES` (its own chunk)."""
+    values = np.array([int(counts[n]) for n in COUNT_NAMES], np.int32)
+    ChunkArray(path, TILE_COUNTS, storage_options).write((slice(None), tile.row, tile.col), values)
 
 
 def set_status(path: str, tiles: list[Tile], code: int, storage_options=None) -> None:

@@ -82,7 +82,16 @@ def composite_tile(
     store.write_arrays(path, tile, {"composite": data}, so)
     store.write_sample(path, index, sample_tile(data, n, seed), so)
     s2 = summary["sources"].get("sentinel2", {})
-    store.set_scenes(path, tile, 0 if summary["no_usable_scene"] else s2.get("kept", 0), so)
+    used = 0 if summary["no_usable_scene"] else s2.get("kept", 0)
+    counts = {
+        "items_found": s2.get("found", 0),
+        "items_used": used,
+        "reads_filled": summary["reads_filled"],
+        "valid_permille": round(1000 * summary["valid_share"]),
+        "offsets_corrected": sum(len(c["corrected"]) for c in summary["offset_check"].values()),
+    }
+    store.set_counts(path, tile, counts, so)
+    store.set_scenes(path, tile, used, so)
     # the largest task of a run: what it freed goes back to the system, so that a worker's
     # memory does not creep from tile to tile (the label and predict tasks, a third of its
     # size and short, keep theirs: trimming after each costs them ~15 %)

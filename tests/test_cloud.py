@@ -524,3 +524,42 @@ def test_unreadable_cog_fails_its_tiles_then_a_rerun_completes(
     assert cli.main(["run", str(cfg_path), fast]) == 0
     _assert_same_store(out, clean_run.parent / "out.zarr")
     assert store.open_group(out, mode="r").attrs["failed_composite"] == {}  # recovered
+
+
+def test_an_asset_gone_from_storage_is_filled_counted_and_reported(
+    tmp_path, demo_region, pgstac_api, nginx, client, dask_cluster, clean_run, capsys
+):
+    """nginx answers 404 for one COG the catalog lists: its reads are filled as nodata at
+    once (no retry heals a missing file), the run completes, and the loss is counted per
+    tile in the store and reported by ``popdask status``, never silent."""
+    from popdask.gdal import forget
+
+    used = _recorded(str(clean_run.parent / "out.zarr"))
+    item = next(
+        it
+        for it in _items(demo_region.items["sentinel-2-l2a"])
+        if any(it.id in ids for ids in used.values())
+    )
+    gone = "/" + Path(item.assets["B04"].href).relative_to(demo_region.root).as_posix()
+    cfg_path = write_config(
+        tmp_path, url=pgstac_api, census=demo_region.census, address=dask_cluster
+    )
+    out = str(tmp_path / "out.zarr")
+    client.run(forget, nginx.url + gone)
+    nginx.fail(gone, 404)
+    try:
+        since = nginx.log_offset()
+        assert cli.main(["run", str(cfg_path)]) == 0
+        assert any(r.path == gone and r.status == 404 for r in nginx.requests(since))
+    finally:
+        nginx.restore()
+        client.run(forget, nginx.url + gone)
+    counts = store.tile_counts(out)
+    tiles = load_config(cfg_path).make_grid().tiles()
+    hit = {t.id for t in tiles if item.id in used[t.id]}
+    assert hit and {t.id for t in tiles if counts["reads_filled"][t.row, t.col] > 0} == hit
+    assert (store.tile_status(out) == store.COMPLETE).all()
+    capsys.readouterr()
+    assert cli.main(["status", out]) == 0
+    report = capsys.readouterr().out
+    assert "reads filled as nodata" in report and f"in {len(hit)} tiles" in report

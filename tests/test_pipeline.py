@@ -38,6 +38,7 @@ def test_store_follows_the_contract(finished):
         "tile_row": 2,
         "tile_col": 2,
         "term": 2,
+        "count": len(store.COUNT_NAMES),
     }
     for v, dims, dtype in [
         ("population", ("y", "x"), np.float32),
@@ -54,6 +55,11 @@ def test_store_follows_the_contract(finished):
     assert ds.terms.attrs["terms"] == ["intensity", "context"]
     assert np.isfinite(ds.terms.values).all() and (ds.terms.values >= 0).all()
     assert ds.y.values[0] == 3216000 - 10 and ds.x.values[0] == 4321000 + 10
+    counts = store.tile_counts(str(finished.parent / "out.zarr"))
+    assert (counts["items_used"] == ds.tile_scenes.values).all()
+    assert (counts["items_found"] >= counts["items_used"]).all()
+    assert (counts["reads_filled"] == 0).all() and (counts["offsets_corrected"] == 0).all()
+    assert (counts["valid_permille"] > 900).all()
     for t in load_config(finished).make_grid().tiles():  # each tile's own items, recorded
         rec = catalog.load_tile_items(str(finished.parent / "out.zarr"), "sentinel2", t.id)
         assert rec.kept > 0 and ds.tile_scenes.sel(tile_row=t.row, tile_col=t.col) == rec.kept
@@ -364,6 +370,7 @@ def test_a_tile_without_a_usable_scene_is_recorded_and_gets_the_census(
     out = capsys.readouterr().out
     assert f"{len(east)} tiles without a usable scene" in out
     assert all(t.id in out for t in east)
+    assert "valid pixels per composited tile: min 0.0 %" in out
 
 
 def test_the_terms_cross_validation_never_sees_its_held_out_cells(finished, dask_cluster, tmp_path):

@@ -177,10 +177,42 @@ def test_bilinear_goes_through_the_warped_read(tmp_path):
     )
 
 
-def test_errors_as_nodata_open_reads_as_fill(tmp_path):
+def test_a_missing_asset_is_read_as_fill_and_counted(tmp_path, monkeypatch):
+    """An asset the catalog lists but its server has not (HTTP 404) reads as nodata, at
+    once and counted for the tile (:func:`popdask.reader.count_filled`); stackstac's own
+    ``errors_as_nodata`` does not decide it."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from popdask.reader import count_filled
+
+    monkeypatch.setattr(reader_mod, "BACKOFF_S", 0.01)
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/missing.tif"
+        ours, _ = _pair(url, errors_as_nodata=())
+        with count_filled() as filled, pytest.warns(UserWarning, match="missing.tif"):
+            out = ours.read(Window(0, 0, 8, 8))
+        assert out.shape == (8, 8) and np.isnan(out).all()
+        assert filled == [url]
+        with pytest.warns(UserWarning, match="missing.tif"):
+            assert ours.read(Window(0, 0, 8, 8)).shape == (8, 8)  # outside a count: no record
+        assert filled == [url]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_read_error_other_than_not_found_is_retried_then_fails(tmp_path, monkeypatch):
+    """A file that cannot be opened for another reason is never filled silently, even when
+    stackstac is told to fill any error."""
     from rasterio.errors import RasterioIOError
 
-    ours, _ = _pair(tmp_path / "missing.tif", errors_as_nodata=(RasterioIOError(".*"),))
-    with pytest.warns(UserWarning, match="missing.tif"):
-        out = ours.read(Window(0, 0, 8, 8))
-    assert out.shape == (8, 8) and np.isnan(out).all()
+    monkeypatch.setattr(reader_mod, "BACKOFF_S", 0.01)
+    (tmp_path / "broken.tif").write_bytes(b"not a tiff")
+    ours, _ = _pair(tmp_path / "broken.tif", errors_as_nodata=(RasterioIOError(".*"),))
+    with pytest.raises(RuntimeError, match=r"broken\.tif"):
+        ours.read(Window(0, 0, 8, 8))
