@@ -32,6 +32,9 @@ from fsspec.implementations.local import LocalFileSystem
 
 Selection = Sequence["slice | int | Sequence[int]"]
 
+#: The attribute naming what an unwritten chunk of an array reads as (see ChunkArray.missing).
+MISSING_ATTR = "popdask_fill_value"
+
 
 class ChunkArray:
     """A Zarr v2 array's chunks, read and written whole in the calling thread.
@@ -73,6 +76,14 @@ class ChunkArray:
         except FileNotFoundError:
             return {}
 
+    @functools.cached_property
+    def missing(self) -> Any:
+        """What a chunk never written reads as: the array's ``popdask_fill_value``
+        attribute when it has one (``cluster``: -1, no data, where Zarr's fill value must
+        stay unset so that xarray keeps the labels integers), else its fill value."""
+        value = self.attrs.get(MISSING_ATTR)
+        return self.fill_value if value is None else _fill(value, self.dtype)
+
     def key(self, index: Sequence[int]) -> str:
         """The path of chunk ``index`` (chunk coordinates)."""
         return f"{self.root}/{self.separator.join(map(str, index))}"
@@ -96,7 +107,7 @@ class ChunkArray:
             src = _orthogonal(tuple(s for _, s, _ in idx))
             raw = found.get(key)
             if raw is None:
-                out[dst] = self.fill_value
+                out[dst] = self.missing
             else:
                 out[dst] = self._decode(raw)[src]
         return out.squeeze(axis=scalar) if scalar else out

@@ -36,7 +36,7 @@ import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 import zarr
 
-from popdask.chunkio import ChunkArray, put, resolve, write_array
+from popdask.chunkio import MISSING_ATTR, ChunkArray, put, resolve, write_array
 from popdask.grid import CRS, Grid, Tile
 
 MISSING, COMPOSITED, LABELLED, COMPLETE, FAILED = 0, 1, 2, 3, -1
@@ -175,7 +175,8 @@ def template(grid: Grid, bands: list[str], kinds: list[str], census: xr.DataArra
             "cluster": (
                 ("y", "x"),
                 da.full((ny, nx), -1, dtype=np.int16, chunks=ch),
-                {"long_name": "k-means cluster label, -1 where no data"},
+                # unwritten chunks read as -1 (no data) through chunkio, never as label 0
+                {"long_name": "k-means cluster label, -1 where no data", MISSING_ATTR: -1},
             ),
             "composite": (
                 ("band", "y", "x"),

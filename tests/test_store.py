@@ -247,3 +247,17 @@ def test_a_store_whose_codec_was_switched_to_pickle_is_refused(path, grid, capsy
     ChunkArray(path, "population")  # the other arrays are as popdask wrote them
     with pytest.raises(ValueError, match=r"pickle"):  # zarr itself will not open it either
         store.open_store(path)
+
+
+def test_an_unwritten_cluster_tile_reads_as_no_data_never_as_label_0(path, grid):
+    """Labels of a tile no task wrote (a neighbour's halo, a failed label) read -1, the
+    contract's no data, while xarray still opens ``cluster`` as integers."""
+    t = grid.tiles()[0]
+    labels = store.read_window(path, "cluster", t.ys, t.xs)
+    assert labels.dtype == np.int16 and (labels == -1).all()
+    written = np.zeros(t.shape, np.int16)  # label 0 everywhere: a real cluster
+    store.write_arrays(path, t, {"cluster": written}, None)
+    np.testing.assert_array_equal(store.read_window(path, "cluster", t.ys, t.xs), written)
+    other = grid.tiles()[1]
+    assert (store.read_window(path, "cluster", other.ys, other.xs) == -1).all()
+    assert xr.open_zarr(path).cluster.dtype == np.int16
