@@ -144,14 +144,19 @@ class PixelModel:
         }
 
 
-def sample_tile(composite: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Draw up to ``n`` random pixels ``(n, band)`` with all reflectances present.
+def sample_tile(
+    composite: np.ndarray, n: int, seed: int, required: np.ndarray | None = None
+) -> np.ndarray:
+    """Draw up to ``n`` random pixels ``(n, band)`` with all ``required`` bands present.
 
+    ``required`` marks the bands a pixel needs (the reflectances: :func:`fit_model` keeps
+    only such pixels, so drawing others would shrink the sample); default every band.
     Pure; ``seed`` should differ per tile so tiles draw independent samples.
     """
     nb = composite.shape[0]
     flat = composite.reshape(nb, -1)
-    ok = np.flatnonzero(np.isfinite(flat).any(axis=0))
+    need = np.ones(nb, bool) if required is None else np.asarray(required, bool)
+    ok = np.flatnonzero(np.isfinite(flat[need]).all(axis=0))
     if ok.size == 0 or n <= 0:
         return np.empty((0, nb), np.float32)
     rng = np.random.default_rng(seed)

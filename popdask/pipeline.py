@@ -34,6 +34,7 @@ from distributed import Client
 
 from popdask import __version__, catalog, regression, store, tasks, terms
 from popdask.census import census_from_config
+from popdask.composite import REFLECTANCE
 from popdask.config import Config
 from popdask.grid import Grid, Tile
 from popdask.model import PixelModel, fit_model, sample_tile
@@ -352,11 +353,12 @@ def fit_pass(client: Client, cfg: Config, grid: Grid) -> PixelModel:
         ds = store.open_store(path, so)
         index = {t.id: i for i, t in enumerate(tiles)}
         shares = _sample_shares(cfg, grid)
+        required = [k == REFLECTANCE for k in store.band_kinds(path, so)]
 
         def task(t: Tile):
             block = ds.composite.data[:, t.ys, t.xs]
             i = index[t.id]
-            return dask.delayed(sample_tile)(block, shares[t.id], _sample_seed(cfg, i))
+            return dask.delayed(sample_tile)(block, shares[t.id], _sample_seed(cfg, i), required)
 
         # bounded: sample_pixels in all
         parts = {t.id: v for t, v in _gather(client, cfg, tiles, task)}

@@ -80,7 +80,8 @@ def composite_tile(
         read=read,
     )
     store.write_arrays(path, tile, {"composite": data}, so)
-    store.write_sample(path, index, sample_tile(data, n, seed), so)
+    required = [s.name == "sentinel2" for s in sources for _ in s.config.bands]
+    store.write_sample(path, index, sample_tile(data, n, seed, required), so)
     s2 = summary["sources"].get("sentinel2", {})
     used = 0 if summary["no_usable_scene"] else s2.get("kept", 0)
     counts = {

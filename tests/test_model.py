@@ -81,3 +81,15 @@ def test_sample_tile_draws_valid_pixels():
     assert s.shape == (100, 3) and np.isfinite(s).all()
     np.testing.assert_array_equal(s, sample_tile(comp, 100, seed=3))
     assert sample_tile(comp, 10_000, seed=3).shape == (800, 3)
+
+
+def test_sample_tile_draws_pixels_with_every_required_band():
+    """A pixel missing a reflectance is never drawn (the fit would drop it); one missing
+    only a band that is not required (radar, lights) is."""
+    comp = np.random.default_rng(1).uniform(size=(3, 40, 40)).astype(np.float32)
+    comp[0, :10] = np.nan  # a reflectance missing in the first 10 rows
+    comp[2, 30:] = np.nan  # the radar band missing in the last 10 rows
+    s = sample_tile(comp, 10_000, seed=3, required=[True, True, False])
+    assert s.shape == (1200, 3) and np.isfinite(s[:, :2]).all()
+    assert np.isnan(s[:, 2]).sum() == 400
+    assert sample_tile(comp, 10_000, seed=3).shape == (800, 3)  # default: every band
