@@ -328,7 +328,25 @@ def resolve(
 
 
 def put(fs, key: str, data: bytes) -> None:
-    """Write the object ``key`` of filesystem ``fs`` whole: a killed write leaves no torn one."""
+    """Write the object ``key`` of filesystem ``fs`` whole: a killed write leaves no torn one.
+
+    A failed write is retried after each of :data:`RETRY_DELAYS`, then raised as
+    :class:`StorageError` naming the key."""
+    delays = RETRY_DELAYS
+    for tries, delay in enumerate((*delays, None), start=1):
+        try:
+            _put_once(fs, key, data)
+            return
+        except Exception as e:
+            if delay is None:
+                raise StorageError(
+                    f"cannot write {key} ({type(e).__name__}: {e}) after {tries} tries; check "
+                    "the store's storage, its free space and the credentials"
+                ) from e
+            time.sleep(delay)
+
+
+def _put_once(fs, key: str, data: bytes) -> None:
     if isinstance(fs, LocalFileSystem):  # a temporary file, renamed over the key
         os.makedirs(os.path.dirname(key), exist_ok=True)
         tmp = f"{key}.{uuid.uuid4().hex}.partial"

@@ -200,3 +200,16 @@ def test_a_failed_read_is_an_error_never_fill_data(served, values, monkeypatch):
     served.faults["/a/1.1"] = [403, None]
     with pytest.raises(StorageError, match=r"a/1\.1.*403"):
         a.read((slice(4, 8), slice(4, 8)))
+
+
+def test_a_failed_write_is_retried_then_an_error_naming_the_key(tmp_path, values, monkeypatch):
+    from popdask import chunkio
+    from popdask.chunkio import StorageError
+
+    monkeypatch.setattr(chunkio, "RETRY_DELAYS", (0.01, 0.01))
+    make(tmp_path)
+    (tmp_path / "a" / "0.0").mkdir()  # a folder where the chunk's object must go
+    a = ChunkArray(str(tmp_path), "a")
+    with pytest.raises(StorageError, match=r"cannot write .*a/0\.0 .*after 3 tries"):
+        a.write((slice(0, 4), slice(0, 4)), values[:4, :4])
+    np.testing.assert_array_equal(a.read((slice(4, 8), slice(4, 8))), np.full((4, 4), np.nan))
