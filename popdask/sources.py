@@ -753,37 +753,30 @@ def _source_composite(
     )
     groups = day_groups(items)
     scale, offset = scale_offset(items, assets, name=name, scale=cfg.scale)
-    if name != "sentinel2":
-        kernel = comp.radar_composite if name == "sentinel1" else comp.median_composite
-        data = stack.data.map_blocks(
+
+    def per_tile(kernel, **kw) -> da.Array:  # the time column reduced in its one chunk
+        return stack.data.map_blocks(
             kernel,
             groups=groups,
             scale=scale,
             offset=offset,
+            **kw,
             drop_axis=0,
             chunks=(len(names), ny, nx),
             dtype=np.float32,
             meta=np.empty((0, 0, 0), np.float32),
         )
-        return data, None
+
+    if name != "sentinel2":
+        kernel = comp.radar_composite if name == "sentinel1" else comp.median_composite
+        return per_tile(kernel), None
     mask = {
         "mask_band": len(names) if cfg.mask_asset else None,
         "mask_values": tuple(cfg.mask_values),
     }
     check = next((names.index(b) for b in CHECK_BANDS if b in names), None)
     if check is None:
-        data = stack.data.map_blocks(
-            comp.optical_composite,
-            groups=groups,
-            scale=scale,
-            offset=offset,
-            **mask,
-            drop_axis=0,
-            chunks=(len(names), ny, nx),
-            dtype=np.float32,
-            meta=np.empty((0, 0, 0), np.float32),
-        )
-        return data, None
+        return per_tile(comp.optical_composite, **mask), None
     checks = stack.data.map_blocks(
         comp.offset_checks,
         scale=scale,
