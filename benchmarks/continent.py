@@ -24,8 +24,8 @@ Each size runs in a fresh subprocess, so its peak RSS is its own. In that proces
   tasks are ``processing``, ``queued`` or ``no-worker`` and the client how many threads the
   workers have; a sample counts as "tiles left" when the pass's :func:`map_tiles` had not yet
   submitted its last tile (the pipeline's ``map_tiles`` is wrapped to know, not changed);
-- live ``pystac.Item`` objects in the client process, counted with ``gc.get_objects()``
-  every 2 s;
+- live ``pystac.Item`` objects in the client process (each one made joins a weak set;
+  counted every 2 s);
 - the objects the garbage collector tracks, counted by type before and after the run (the
   types that grew most); with ``--tracemalloc SIZE``, that size also runs under
   ``tracemalloc`` (1 frame): the Python heap's peak and the lines whose memory grew most
@@ -375,7 +375,7 @@ class PassLog(logging.Handler):
     def __init__(self):
         super().__init__(logging.INFO)
         self.start: dict[str, float] = {}
-        self.end: dict[str, float] = {}
+        self.spent: dict[str, float] = {}  # summed over the attempts of a resumed run
         self.lines: list[str] = []
 
     def emit(self, record):
@@ -384,12 +384,13 @@ class PassLog(logging.Handler):
         if "tiles to do" in msg:
             self.start[name] = time.perf_counter()
             self.lines.append(msg)
-        elif "in flight for" in msg:
-            self.end[name] = time.perf_counter()
+        elif "in flight for" in msg and name in self.start:
+            took = time.perf_counter() - self.start.pop(name)
+            self.spent[name] = self.spent.get(name, 0.0) + took
             self.lines.append(msg)
 
     def seconds(self) -> dict[str, float]:
-        return {k: self.end[k] - self.start[k] for k in self.start if k in self.end}
+        return dict(self.spent)
 
 
 def _scheduler_in_flight(dask_scheduler) -> int:
@@ -400,7 +401,7 @@ def _scheduler_in_flight(dask_scheduler) -> int:
 class Watch:
     """Threads sampling the client process: RSS (0.1 s), tasks in flight on the scheduler
     against worker threads (0.25 s, with the pass running and whether it had tiles left to
-    submit), and live ``pystac.Item`` objects (2 s)."""
+    submit), and live ``pystac.Item`` objects (2 s; see :meth:`_track_items`)."""
 
     def __init__(self, client):
         import psutil
@@ -441,14 +442,30 @@ class Watch:
         self.flight.append((time.perf_counter() - self.t0, cur["pass"], cur["left"], n, threads))
 
     def _items(self):
-        import pystac
-
-        self.items_peak = max(
-            self.items_peak, sum(isinstance(o, pystac.Item) for o in gc.get_objects())
-        )
+        self.items_peak = max(self.items_peak, len(self._live_items))
         self.items_samples += 1
 
+    def _track_items(self):
+        """Every ``pystac.Item`` made in this process joins a weak set (counted by
+        :meth:`_items`). Not ``gc.get_objects()`` from a thread: it hands out tuples that
+        another thread is still building, and ``tuple(iterator)`` there then fails with
+        "SystemError: Objects/tupleobject.c:927: bad argument to internal function"."""
+        import weakref
+
+        import pystac
+
+        self._live_items = weakref.WeakSet()
+        init = pystac.Item.__init__
+
+        def tracked(item, *a, **kw):
+            init(item, *a, **kw)
+            self._live_items.add(item)
+
+        pystac.Item.__init__ = tracked
+        return lambda: setattr(pystac.Item, "__init__", init)
+
     def __enter__(self):
+        self._untrack = self._track_items()
         for t in self._threads:
             t.start()
         return self
@@ -457,6 +474,7 @@ class Watch:
         self._stop.set()
         for t in self._threads:
             t.join()
+        self._untrack()
 
     def traced_map_tiles(self, map_tiles):
         """``map_tiles`` that tells this watch its pass and whether tiles are left to submit."""
@@ -572,7 +590,7 @@ def run_size(size: int, work: Path, args) -> dict:
             processes=True,
             host="127.0.0.1",
             memory_limit="6GiB",
-            scheduler_kwargs={"dashboard": False},
+            dashboard_address=None,  # its HTTP server then binds the host only
         ) as cluster,
         Client(cluster) as client,
         StacServer([Path(region["collection"])], [Path(region["items_path"])], cwd=work) as srv,
@@ -585,9 +603,17 @@ def run_size(size: int, work: Path, args) -> dict:
         original = pipeline.map_tiles
         with Watch(client) as watch:
             pipeline.map_tiles = watch.traced_map_tiles(original)
+            errors = []
             try:
                 t = time.perf_counter()
-                result = pipeline.run(cfg, client=client, progress=False)
+                for _ in range(6):  # a failed tile fails its pass; the rerun resumes
+                    try:
+                        result = pipeline.run(cfg, client=client, progress=False)
+                        break
+                    except pipeline.PipelineError as e:
+                        errors.append(str(e))
+                else:
+                    raise RuntimeError(f"the run failed six times: {errors}")
                 run_s = time.perf_counter() - t
             finally:
                 pipeline.map_tiles = original
@@ -610,11 +636,12 @@ def run_size(size: int, work: Path, args) -> dict:
         "pixels": (side // RESOLUTION) ** 2,
         "census_cells": (side // CELL) ** 2,
         "generate_s": gen_s,
-        "region": region,
+        "region": {k: v for k, v in region.items() if not isinstance(v, str)},  # no paths
         "run_s": run_s,
         "timings_s": result.timings,
         "pass_s": log.seconds(),
         "pass_log": log.lines,
+        "failed_attempts": errors,
         "client_rss_start_mb": watch.rss_start / 2**20,
         "client_rss_peak_mb": watch.rss_peak / 2**20,
         "client_rss_trace_mb": [(t, v / 2**20) for t, v in watch.rss_trace],
@@ -718,7 +745,7 @@ def fit_benchmark(args) -> dict:
             processes=True,
             host="127.0.0.1",
             memory_limit="8GiB",
-            scheduler_kwargs={"dashboard": False},
+            dashboard_address=None,  # its HTTP server then binds the host only
         ) as cluster,
         Client(cluster),
     ):
