@@ -92,3 +92,57 @@ def test_two_core_limits_fail_loudly_when_a_part_dies(tmp_path):
     spec.loader.exec_module(scale)
     with pytest.raises(RuntimeError, match="limit process exited with 1"):
         scale.two_core_limits(str(tmp_path / "missing.zarr"), tmp_path)
+
+
+CONTINENT = Path(__file__).resolve().parents[1] / "benchmarks" / "continent.py"
+
+
+def test_continent_benchmark_smallest(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("continent", CONTINENT)
+    continent = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(continent)
+    out = tmp_path / "continent.json"
+    continent.main(
+        [
+            "--sizes",
+            "1",
+            "--tiles",
+            "16",
+            "--dates",
+            "8",
+            "--fit-cells",
+            "20000",
+            "--fit-clusters",
+            "10",
+            "--fit-chunk",
+            "5000",
+            "--out",
+            str(out),
+            "--workdir",
+            str(tmp_path / "work"),
+        ]
+    )
+    doc = json.loads(out.read_text())
+    (r,) = doc["runs"]
+    assert r["tiles"] == 16 and r["side_km"] == 8
+    # every tile complete, each with its catalog record; items of several granules
+    assert r["store"]["tiles_complete"] == r["store"]["tiles_total"] == 16
+    assert r["store"]["catalog_records"] == 16 and r["store"]["items_recorded"] >= 16
+    assert r["region"]["granules"] == 1 and r["region"]["items"] == 8
+    assert set(r["pass_s"]) == {"composite", "label", "predict"}
+    assert all(v > 0 for v in r["pass_s"].values())
+    assert r["client_rss_peak_mb"] >= r["client_rss_start_mb"] > 50
+    # the tile passes were sampled while they had tiles left, against 2 worker threads
+    flight = r["in_flight"]["composite"]
+    assert flight["samples_tiles_left"] > 0 and flight["threads"] == 2
+    assert flight["median_in_flight"] >= 1
+    assert r["pystac_items_held_max"] <= 10 and r["pystac_items_samples"] > 0
+    assert r["metrics"]["r2_1km_in_sample"] > 0.3
+    fit = doc["densities_fit"]
+    assert fit["cells"] == 20000 and fit["columns"] == 30 and fit["fit_s"] > 0
+    assert 0.9 * 20000 < fit["rows_seen"] <= 20000  # all known rows (about 5 % unknown)
+    rec = fit["recovery"]
+    assert rec["rel_error_median"] < 0.2 and abs(rec["held_out_total_error"]) < 0.05
+    assert rec["held_out_r2"] > 0.9
+    assert doc["checks"]["fit_client_growth_within_2gb"]
+    assert "densities fit" in capsys.readouterr().out
