@@ -631,7 +631,7 @@ def main(argv=None) -> dict:
             threads_per_worker=1,
             processes=True,
             memory_limit="8GiB",
-            dashboard_address=":0",
+            dashboard_address="127.0.0.1:0",
         ) as cluster,
         Client(cluster) as client,
     ):

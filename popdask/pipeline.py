@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import dask
 import numpy as np
 from distributed import Client
 
@@ -37,7 +36,7 @@ from popdask.census import census_from_config
 from popdask.composite import REFLECTANCE
 from popdask.config import Config
 from popdask.grid import Grid, Tile
-from popdask.model import PixelModel, fit_model, sample_tile
+from popdask.model import PixelModel, fit_model
 from popdask.predict import halo_px
 from popdask.reductions import (
     CellRows,
@@ -94,7 +93,7 @@ def _run_tiles(
     stats: WindowStats | None = None,
     failed_code: int = store.FAILED,
 ) -> list[str]:
-    """Compute ``build(tile)`` (a delayed write that marks its tile) for every tile.
+    """Run ``build(tile)``'s task (a write that marks its tile) for every tile.
 
     Tiles are kept in flight by :func:`popdask.scheduler.map_tiles`; each result goes to
     ``reduce(tile, value)`` as it arrives. A tile that fails is marked ``failed_code``
@@ -121,6 +120,7 @@ def _run_tiles(
         if len(failed) < FAILED_LISTED:
             failed[r.tile.id] = f"{type(r.error).__name__}: {r.error}"
         log.error("%s: tile %s failed: %s", desc, r.tile.id, _error_text(r.error))
+        log.debug("%s: tile %s", desc, r.tile.id, exc_info=r.error)  # with its traceback
         store.set_status(path, [r.tile], failed_status, storage_options)
     log.info(
         "%s: %d tiles, at most %d in flight for %d worker threads",
@@ -169,7 +169,7 @@ def _tile_pass(
 
     def marked(t: Tile):  # the task marks its own tile once its writes have finished
         fn, args, kwargs = build(t)
-        return dask.delayed(tasks.marked, pure=True)(done_code, fn, path, so, t, *args, **kwargs)
+        return tasks.marked, (done_code, fn, path, so, t, *args), kwargs
 
     return _run_tiles(
         client,
@@ -350,15 +350,17 @@ def fit_pass(client: Client, cfg: Config, grid: Grid) -> PixelModel:
     samples = store.read_sample(path, {"sample_pixels": m.sample_pixels, "seed": m.seed}, so)
     if samples is None:  # a store composited without its sample: draw it from the composites
         log.info("fit: drawing the sample from the stored composites")
-        ds = store.open_store(path, so)
         index = {t.id: i for i, t in enumerate(tiles)}
         shares = _sample_shares(cfg, grid)
         required = [k == REFLECTANCE for k in store.band_kinds(path, so)]
 
         def task(t: Tile):
-            block = ds.composite.data[:, t.ys, t.xs]
             i = index[t.id]
-            return dask.delayed(sample_tile)(block, shares[t.id], _sample_seed(cfg, i), required)
+            return (
+                tasks.stored_sample,
+                (path, so, t, shares[t.id], _sample_seed(cfg, i), required),
+                {},
+            )
 
         # bounded: sample_pixels in all
         parts = {t.id: v for t, v in _gather(client, cfg, tiles, task)}
@@ -455,8 +457,10 @@ def context_rows(
 
     def task(t: Tile):
         ys, xs = grid.expand(t, halo)
-        return dask.delayed(tasks.context_tile, pure=True)(
-            path, so, t, ys, xs, pilots, sigma_px, k, grid.cell_px, layer, pick
+        return (
+            tasks.context_tile,
+            (path, so, t, ys, xs, pilots, sigma_px, k, grid.cell_px, layer, pick),
+            {},
         )
 
     return concat_rows(v for _, v in _gather(client, cfg, grid.tiles(), task))
@@ -480,9 +484,7 @@ def _region_rows(
     cells.clear()
 
     def task(t: Tile):
-        return dask.delayed(tasks.stored_cells, pure=True)(
-            path, so, t, kinds, k, layer, grid.cell_px, pick
-        )
+        return tasks.stored_cells, (path, so, t, kinds, k, layer, grid.cell_px, pick), {}
 
     parts += [v for _, v in _gather(client, cfg, missing, task)]
     return concat_rows(parts)
@@ -712,7 +714,7 @@ def region_totals(
     rest = [t for t in grid.tiles() if t.id not in counted]
 
     def task(t: Tile):
-        return dask.delayed(_stored_totals, pure=True)(path, so, t, grid.cell_px)
+        return _stored_totals, (path, so, t, grid.cell_px), {}
 
     return totals + sum_totals(v for _, v in _gather(client, cfg, rest, task))
 

@@ -13,8 +13,8 @@ region"):
 A sample rather than sufficient statistics because the fit is not least squares: its
 quasi-Poisson Newton steps, ridge path and inner cross-validation each need the rows, and
 a few hundred thousand cells pin ≤ 450 non-negative densities far more tightly than the
-cells' own scatter around the model does (``benchmarks/continent.py`` compares a sampled
-fit with the full one).
+cells' own scatter around the model does (``benchmarks/fit_sample.py`` measures a sampled
+fit against the full one on real cells; ``benchmarks/continent.py`` an EU-sized fit).
 """
 
 from __future__ import annotations

@@ -98,8 +98,10 @@ def map_tiles(
     desc: str = "tiles",
     progress: bool = False,
     stats: WindowStats | None = None,
+    retries: int = 1,
 ) -> Iterator[TileResult]:
-    """Run ``build(tile)`` (a dask-delayed value) for every tile; yield results as they end.
+    """Run every tile's task, ``build(tile)`` → ``(fn, args, kwargs)`` run on a worker as
+    ``fn(*args, **kwargs)``; yield the results as they end.
 
     Parameters
     ----------
@@ -108,8 +110,9 @@ def map_tiles(
     tiles
         The tiles, consumed lazily (a generator over a continent is fine).
     build
-        Makes one tile's delayed task on the client; an exception it raises is that tile's
-        error (the other tiles go on).
+        Makes one tile's task on the client; an exception it raises is that tile's error
+        (the other tiles go on). Each task is one ``client.submit`` (no graph to build or
+        tokenize: the client's cost per tile is what keeps a large cluster fed).
     total
         How many tiles there are, for the progress bar (``len(tiles)`` when it has one).
     per_thread
@@ -118,6 +121,9 @@ def map_tiles(
         Progress bar label (the bar shows tiles/s and the time left), and whether to show it.
     stats
         Filled in as the run goes (see :class:`WindowStats`).
+    retries
+        Times a task that raised is run again (on any worker) before its error is the
+        tile's: a worker's passing fault does not fail the pass.
 
     Yields
     ------
@@ -142,7 +148,8 @@ def map_tiles(
                 more = False
                 return
             try:
-                fut = client.compute(build(tile))
+                fn, args, kwargs = build(tile)
+                fut = client.submit(fn, *args, **kwargs, pure=False, retries=retries)
             except Exception as e:  # building the graph failed (catalog, metadata)
                 early.append(TileResult(tile, error=e))
                 continue

@@ -101,6 +101,15 @@ def composite_tile(
     return summary
 
 
+def stored_sample(
+    path: str, so: dict, tile: Tile, n: int, seed: int, required: Sequence[bool]
+) -> np.ndarray:
+    """The tile's share of the fit's pixel sample, drawn from its stored composite (for a
+    store composited before the composite tasks drew it)."""
+    data = store.read_window(path, "composite", tile.ys, tile.xs, so)
+    return sample_tile(data, n, seed, required)
+
+
 # --------------------------------------------------------------------------------------
 # Labels and the fit's cells
 # --------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ def test_a_worker_killed_mid_pass_and_the_run_ends_equal_to_a_clean_run(
 
     with (
         LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0",
             memory_limit="4GiB",
         ) as cluster,
         Client(cluster) as client,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 
-import dask
 import pytest
 from distributed import Client, LocalCluster
 
@@ -36,7 +35,7 @@ def tiles():
 def client():
     with (
         LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0"
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0"
         ) as cluster,
         Client(cluster) as c,
     ):
@@ -48,7 +47,7 @@ def test_new_tiles_are_submitted_while_earlier_ones_run(client, tiles):
     stats = WindowStats(trace=lambda what, t, at: events.setdefault(t.id, {}).update({what: at}))
 
     def build(t):
-        return dask.delayed(_slow, pure=False)(t.id, 0.1 + 0.05 * (t.col % 3))
+        return _slow, (t.id, 0.1 + 0.05 * (t.col % 3)), {}
 
     results = list(map_tiles(client, tiles, build, stats=stats))
     assert sorted(r.tile.id for r in results) == sorted(t.id for t in tiles)
@@ -77,8 +76,8 @@ def test_errors_stay_with_their_tile(client, tiles):
         if t.row == 0 and t.col == 0:
             raise RuntimeError("catalog down")  # building the graph fails
         if t.row == 1:
-            return dask.delayed(_fails, pure=False)(t.id)
-        return dask.delayed(_slow, pure=False)(t.id, 0.0)
+            return _fails, (t.id,), {}
+        return _slow, (t.id, 0.0), {}
 
     stats = WindowStats()
     results = {r.tile.id: r for r in map_tiles(client, tiles, build, stats=stats)}
@@ -97,7 +96,7 @@ def test_window_follows_a_growing_cluster(tiles):
     it is re-read and grows to ``per_thread`` × 2 threads."""
     with (
         LocalCluster(
-            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0"
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0"
         ) as cluster,
         Client(cluster) as c,
     ):
@@ -114,7 +113,7 @@ def test_window_follows_a_growing_cluster(tiles):
         stats = WindowStats(trace=trace)
 
         def build(t):
-            return dask.delayed(_slow, pure=False)(t.id, 0.25)
+            return _slow, (t.id, 0.25), {}
 
         results = list(map_tiles(c, tiles * 2, build, per_thread=3, stats=stats))
         assert len(results) == 2 * len(tiles) and all(r.ok for r in results)
