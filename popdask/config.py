@@ -262,7 +262,7 @@ class RegressionConfig(_Model):
     context_radius: float = Field(200.0, gt=0)
     #: census cells the densities fit sees at the most (a uniform sample of the known
     #: cells beyond that: popdask.reductions); every cell of a region below it
-    fit_cells: int = Field(200_000, ge=100)
+    fit_cells: int = Field(100_000, ge=100)
 
 
 class OutputConfig(_Model):

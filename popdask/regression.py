@@ -293,6 +293,13 @@ def cell_fractions(labels, n_clusters: int, *, cell_px: int = 50, bins=None):
     )
 
 
+#: Cells a fit on a dask design sees at the most (and the pipeline's default
+#: ``regression.fit_cells``): the fit holds about four copies of its float64 design, so
+#: 100,000 cells × 450 columns keep the client under 2 GB (benchmarks/README.md "A
+#: continent on a cluster"), 220 cells per column.
+FIT_CELLS = 100_000
+
+
 def _is_dask(x: Any) -> bool:
     try:
         import dask.array as da
@@ -589,7 +596,7 @@ def _known(fractions, population, groups):
 
 
 def fit_densities(
-    fractions, population, groups=None, *, max_cells: int = 200_000, seed: int = 0, **options
+    fractions, population, groups=None, *, max_cells: int = FIT_CELLS, seed: int = 0, **options
 ) -> np.ndarray:
     """Fit non-negative persons-per-cluster densities to census counts.
 
@@ -668,7 +675,7 @@ def fit_densities(
         return _fit_densities(x, y, g, opts)
 
 
-def sample_known(fractions, population, groups=None, *, max_cells: int = 200_000, seed: int = 0):
+def sample_known(fractions, population, groups=None, *, max_cells: int = FIT_CELLS, seed: int = 0):
     """The rows of a dask ``fractions`` (rows chunked) the fit sees, as NumPy arrays.
 
     Every row with a known population is kept with probability ``min(1, max_cells /
