@@ -261,3 +261,30 @@ def test_an_unwritten_cluster_tile_reads_as_no_data_never_as_label_0(path, grid)
     other = grid.tiles()[1]
     assert (store.read_window(path, "cluster", other.ys, other.xs) == -1).all()
     assert xr.open_zarr(path).cluster.dtype == np.int16
+
+
+def test_a_stores_arrays_are_chunked_by_tile_and_typed_as_the_contract_says(tmp_path):
+    """Zarr chunks are the tiles (the census: blocks of 10 × 10 tiles), whatever the dask
+    chunks of the template, and each per-tile array has its contract's dtype."""
+    import json
+
+    g = Grid.from_bbox((4321000, 3210000, 4341000, 3226000), tile=4000)  # 5 × 4 tiles
+    c = xr.DataArray(np.ones(g.cell_shape, np.float32), dims=("y_cell", "x_cell"))
+    path = tmp_path / "s.zarr"
+    store.create(str(path), g, bands=["B02", "B03"], kinds=["reflectance"] * 2, census=c, attrs={})
+    want = {
+        "population": ([200, 200], "<f4"),
+        "cluster": ([200, 200], "<i2"),
+        "composite": ([1, 200, 200], "<f4"),
+        "predicted": ([4, 4], "<f4"),
+        "census": ([16, 20], "<f4"),  # one block: the region is smaller than 10 × 10 tiles
+        "tile_status": ([1, 1], "|i1"),
+        "tile_scenes": ([1, 1], "<i2"),
+        "tile_counts": ([len(store.COUNT_NAMES), 1, 1], "<i4"),
+    }
+    for name, (chunks, dtype) in want.items():
+        meta = json.loads((path / name / ".zarray").read_text())
+        assert (meta["chunks"], meta["dtype"]) == (chunks, dtype), name
+    assert (store.tile_status(str(path)) == store.MISSING).all()
+    assert (store.tile_scenes(str(path)) == -1).all()
+    assert not list((path / "population").glob("[0-9]*"))  # no pixel chunk written yet
