@@ -92,6 +92,7 @@ def _run_tiles(
     settle: Callable[[], Any] | None = None,
     stats: WindowStats | None = None,
     failed_code: int = store.FAILED,
+    per_task: int | None = 1,
 ) -> list[str]:
     """Run ``build(tile)``'s task (a write that marks its tile) for every tile.
 
@@ -108,7 +109,14 @@ def _run_tiles(
     failed_status = failed_code
     stats = WindowStats() if stats is None else stats
     results = map_tiles(
-        client, tiles, build, desc=desc, progress=progress, per_thread=per_thread, stats=stats
+        client,
+        tiles,
+        build,
+        desc=desc,
+        progress=progress,
+        per_thread=per_thread,
+        stats=stats,
+        per_task=per_task,
     )
     for r in results:
         if r.ok:
@@ -154,9 +162,11 @@ def _tile_pass(
     progress: bool,
     reduce: Callable[[Tile, Any], None] | None = None,
     settle: Callable[[], Any] | None = None,
+    per_task: int | None = None,
 ) -> list[str]:
     """Run every tile whose status is below ``done_code`` (the resume); the ids of the
-    tiles computed (``reduce``, ``settle``: see :func:`_run_tiles`).
+    tiles computed (``reduce``, ``settle``, ``per_task``: see :func:`_run_tiles` and
+    :func:`popdask.scheduler.map_tiles`; short passes group tiles per task by default).
 
     ``build(tile)`` gives the tile's task as ``(fn, args, kwargs)``, run on a worker as
     ``fn(path, storage_options, tile, *args, **kwargs)`` and followed there by the tile's
@@ -183,15 +193,18 @@ def _tile_pass(
         reduce=reduce,
         settle=settle,
         failed_code=store.failed_code(done_code),
+        per_task=per_task,
     )
 
 
 def _gather(
     client: Client, cfg: Config, tiles: Iterable[Tile], task: Callable[[Tile], Any]
 ) -> Iterable[tuple[Tile, Any]]:
-    """``(tile, result)`` of ``task(tile)`` (a delayed value that writes no status) for
+    """``(tile, result)`` of ``task(tile)`` (a task that writes no status) for
     every tile, as the tasks finish; the first failure is raised."""
-    for r in map_tiles(client, tiles, task, per_thread=cfg.cluster.tiles_per_thread):
+    tiles = list(tiles)
+    per = cfg.cluster.tiles_per_thread
+    for r in map_tiles(client, tiles, task, per_thread=per, per_task=None):
         if not r.ok:
             raise PipelineError(f"tile {r.tile.id}: {_error_text(r.error)}") from r.error
         yield r.tile, r.value
@@ -247,6 +260,7 @@ def composite_pass(
         desc="composite",
         progress=progress,
         reduce=counts.add,
+        per_task=1,  # seconds per tile: one task each
     )
     counts.report()
     _require_scenes(cfg, counts)

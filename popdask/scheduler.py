@@ -99,6 +99,7 @@ def map_tiles(
     progress: bool = False,
     stats: WindowStats | None = None,
     retries: int = 1,
+    per_task: int | None = 1,
 ) -> Iterator[TileResult]:
     """Run every tile's task, ``build(tile)`` → ``(fn, args, kwargs)`` run on a worker as
     ``fn(*args, **kwargs)``; yield the results as they end.
@@ -124,6 +125,10 @@ def map_tiles(
     retries
         Times a task that raised is run again (on any worker) before its error is the
         tile's: a worker's passing fault does not fail the pass.
+    per_task
+        Tiles run by one task, one after the other (each keeps its own result or error);
+        None chooses it from the tiles and the window (:func:`tiles_per_task`), for passes
+        whose tasks are as short as the client's work per submission.
 
     Yields
     ------
@@ -135,29 +140,42 @@ def map_tiles(
         total = len(tiles)  # type: ignore[arg-type]
     todo = iter(tiles)
     window = _Window(client, per_thread, stats)
-    owner: dict[Any, Tile] = {}
-    early: list[TileResult] = []  # tiles whose graph could not be built
+    group = per_task or tiles_per_task(total, window())
+    owner: dict[Any, list[Tile]] = {}
+    early: list[TileResult] = []  # tiles whose task could not be built
     ac = as_completed(with_results=True, raise_errors=False)
     more = True
 
-    def fill() -> None:
+    def next_specs() -> list[tuple[Tile, tuple]]:
         nonlocal more
-        while more and len(owner) < window():
+        specs = []
+        while more and len(specs) < group:
             tile = next(todo, None)
             if tile is None:
                 more = False
-                return
+                break
             try:
-                fn, args, kwargs = build(tile)
-                fut = client.submit(fn, *args, **kwargs, pure=False, retries=retries)
-            except Exception as e:  # building the graph failed (catalog, metadata)
+                specs.append((tile, build(tile)))
+            except Exception as e:  # building the task failed (catalog, metadata)
                 early.append(TileResult(tile, error=e))
+        return specs
+
+    def fill() -> None:
+        while more and len(owner) < window():
+            specs = next_specs()
+            if not specs:
                 continue
-            owner[fut] = tile
+            if len(specs) == 1:
+                fn, args, kwargs = specs[0][1]
+                fut = client.submit(fn, *args, **kwargs, pure=False, retries=retries)
+            else:
+                fut = client.submit(run_group, [b for _, b in specs], pure=False, retries=retries)
+            owner[fut] = [t for t, _ in specs]
             ac.add(fut)
-            stats.submitted += 1
+            stats.submitted += len(specs)
             stats.peak_in_flight = max(stats.peak_in_flight, len(owner))
-            stats._event("submit", tile)
+            for t, _ in specs:
+                stats._event("submit", t)
 
     bar = tqdm(total=total, desc=desc, unit="tile", disable=not progress, smoothing=0.1)
     try:
@@ -168,23 +186,60 @@ def map_tiles(
                 fill()
                 continue
             fut, value = next(ac)
-            tile = owner.pop(fut)
-            result = _result(tile, fut, value)
+            group_tiles = owner.pop(fut)
+            results = _results(group_tiles, fut, value)
             fut.release()
-            stats.finished += 1
-            stats._event("done", tile)
             fill()
             if more and len(owner) < stats.threads:
                 stats.starved += 1
-            if not result.ok:
-                stats.failed += 1
             bar.set_postfix(in_flight=len(owner), refresh=False)
-            bar.update()
-            yield result
+            for result in results:
+                stats.finished += 1
+                stats.failed += not result.ok
+                stats._event("done", result.tile)
+                bar.update()
+                yield result
     finally:
         bar.close()
         for fut in owner:  # the caller stopped early: the tiles in flight are not wanted
             fut.cancel()
+
+
+#: Tiles one task runs at the most when :func:`map_tiles` chooses (``per_task=None``).
+MAX_PER_TASK = 16
+
+
+def tiles_per_task(total: int | None, window: int) -> int:
+    """Tiles per task so that every task of the window is fed about four times over:
+    1 for a region of a few windows, up to :data:`MAX_PER_TASK` for a continent."""
+    if not total:
+        return 1
+    return max(1, min(MAX_PER_TASK, total // (4 * max(window, 1))))
+
+
+def run_group(specs: list[tuple]) -> list[tuple[bool, Any]]:
+    """One task running several tiles' ``(fn, args, kwargs)`` one after the other:
+    ``(True, result)`` or ``(False, error)`` for each, so a tile's error stays its own."""
+    out = []
+    for fn, args, kwargs in specs:
+        try:
+            out.append((True, fn(*args, **kwargs)))
+        except Exception as e:
+            out.append((False, e))
+    return out
+
+
+def _results(tiles: list[Tile], fut, value: Any) -> list[TileResult]:
+    """Each tile's outcome from its task's future (one tile's value, or a group's list)."""
+    if len(tiles) == 1:
+        return [_result(tiles[0], fut, value)]
+    group = _result(tiles[0], fut, value)
+    if not group.ok:  # the whole task failed (its worker died too often): every tile
+        return [TileResult(t, error=group.error) for t in tiles]
+    return [
+        TileResult(t, value=v) if ok else TileResult(t, error=v)
+        for t, (ok, v) in zip(tiles, group.value, strict=True)
+    ]
 
 
 def _drain(early: list[TileResult], stats: WindowStats, bar) -> Iterator[TileResult]:

@@ -120,3 +120,27 @@ def test_window_follows_a_growing_cluster(tiles):
         assert seen[0] == MIN_WINDOW  # one thread: 3 → the minimum of 4
         assert stats.threads == 2 and stats.window == 6
         assert stats.peak_in_flight == 6
+
+
+def test_short_tasks_run_several_tiles_each_and_keep_their_own_errors(client, tiles):
+    """Grouped (``per_task``), a task runs several tiles one after the other; each tile
+    still gets its own result or error, and tasks, not tiles, fill the window."""
+    from popdask.scheduler import tiles_per_task
+
+    assert tiles_per_task(4, 4) == 1 and tiles_per_task(400, 4) == 16
+    assert tiles_per_task(100, 4) == 6 and tiles_per_task(None, 4) == 1
+
+    def build(t):
+        if t.row == 2 and t.col == 1:
+            return _fails, (t.id,), {}
+        return _slow, (t.id, 0.02), {}
+
+    stats = WindowStats()
+    results = {r.tile.id: r for r in map_tiles(client, tiles, build, stats=stats, per_task=3)}
+    assert len(results) == len(tiles) and stats.submitted == len(tiles)
+    bad = next(t.id for t in tiles if (t.row, t.col) == (2, 1))
+    assert {i for i, r in results.items() if not r.ok} == {bad}
+    assert isinstance(results[bad].error, ValueError) and bad in str(results[bad].error)
+    assert all(r.value[0] == i for i, r in results.items() if r.ok)
+    # 16 tiles in tasks of 3: 6 tasks, at most a window of them in flight
+    assert stats.peak_in_flight <= stats.window and stats.failed == 1
