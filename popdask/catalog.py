@@ -45,6 +45,7 @@ from popdask.sources import (
     build_composite,
     drift_message,
     filter_items,
+    intersects,
     item_bounds_3035,
     item_time,
     open_catalog,
@@ -381,7 +382,7 @@ def tile_items(
     index = {id(it): i for i, it in enumerate(parsed)}
     usable = [raw[index[id(it)]] for it in kept]
     if usable:
-        hit = _intersects(item_bounds_3035(kept), bounds_3035)
+        hit = intersects(item_bounds_3035(kept), bounds_3035)
         if not hit.all():
             skipped["outside_tile"] = int((~hit).sum())
             usable = [d for d, h in zip(usable, hit, strict=True) if h]
@@ -391,15 +392,6 @@ def tile_items(
     query = query_of(Source(name, cfg, url))
     drift = asset_drift(raw, _assets(cfg)) or {}
     return TileItems(name, choice.items, len(raw), skipped, choice.groups, query, drift)
-
-
-def _intersects(b: np.ndarray, bounds: Sequence[float]) -> np.ndarray:
-    return (
-        (b[:, 0] < bounds[2])
-        & (b[:, 2] > bounds[0])
-        & (b[:, 1] < bounds[3])
-        & (b[:, 3] > bounds[1])
-    )
 
 
 def probe_source(

@@ -711,13 +711,6 @@ def predict_pass(
 # --------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------
-def _stored_totals(path: str, so: dict, t: Tile, cell_px: int) -> Totals:
-    """One task: the totals of a tile predicted by an earlier run, read from the store."""
-    pop = store.read_window(path, "population", t.ys, t.xs, so)
-    census = store.read_window(path, "census", t.ys_cell, t.xs_cell, so)
-    return Totals.of_tile(pop, census.astype(np.float64), cell_px)
-
-
 def region_totals(
     client: Client, cfg: Config, grid: Grid, totals: Totals, counted: Iterable[str]
 ) -> Totals:
@@ -728,7 +721,7 @@ def region_totals(
     rest = [t for t in grid.tiles() if t.id not in counted]
 
     def task(t: Tile):
-        return _stored_totals, (path, so, t, grid.cell_px), {}
+        return tasks.stored_totals, (path, so, t, grid.cell_px), {}
 
     return totals + sum_totals(v for _, v in _gather(client, cfg, rest, task))
 

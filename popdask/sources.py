@@ -68,14 +68,18 @@ class SourceItems:
         """Items whose footprint intersects ``bounds`` (EPSG:3035)."""
         if not self.items:
             return []
-        b = self.bounds_3035
-        hit = (
-            (b[:, 0] < bounds[2])
-            & (b[:, 2] > bounds[0])
-            & (b[:, 1] < bounds[3])
-            & (b[:, 3] > bounds[1])
-        )
+        hit = intersects(self.bounds_3035, bounds)
         return [it for it, h in zip(self.items, hit, strict=True) if h]
+
+
+def intersects(boxes: np.ndarray, bounds: Sequence[float]) -> np.ndarray:
+    """Which of the ``(n, 4)`` boxes overlap ``bounds`` (same CRS, edges excluded)."""
+    return (
+        (boxes[:, 0] < bounds[2])
+        & (boxes[:, 2] > bounds[0])
+        & (boxes[:, 1] < bounds[3])
+        & (boxes[:, 3] > bounds[1])
+    )
 
 
 # --------------------------------------------------------------------------------------

@@ -295,3 +295,10 @@ def predict_tile(
     store.write_arrays(path, t, res, so)
     own = census[iy.start // cell_px : iy.stop // cell_px, ix.start // cell_px : ix.stop // cell_px]
     return Totals.of_tile(res["population"], own, cell_px)
+
+
+def stored_totals(path: str, so: dict, t: Tile, cell_px: int) -> Totals:
+    """The totals of a tile predicted by an earlier run, read from the store."""
+    pop = store.read_window(path, "population", t.ys, t.xs, so)
+    census = store.read_window(path, "census", t.ys_cell, t.xs_cell, so)
+    return Totals.of_tile(pop, census.astype(np.float64), cell_px)
