@@ -28,7 +28,8 @@ import json
 import logging
 import re
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -225,13 +226,9 @@ def coverage_from_shapes(
 
     ``shapes`` are GeoJSON geometry mappings in ``crs`` (reprojected to EPSG:3035 here).
     """
-    from rasterio.crs import CRS
     from rasterio.features import rasterize
-    from rasterio.warp import transform_geom
 
-    src = CRS.from_user_input(crs)
-    if src.to_epsg() != EPSG:
-        shapes = [transform_geom(src, CRS.from_epsg(EPSG), g) for g in shapes]
+    shapes = _to_3035(list(shapes), crs)
     if not shapes:
         return np.zeros(grid.cell_shape, dtype=bool)
     burned = rasterize(
@@ -318,12 +315,15 @@ def _first_coords(geom: dict) -> list:
     return c
 
 
-def _coverage_raster(path: Path, name: str, grid: Grid) -> np.ndarray:
-    """Cells whose centre falls on a non-zero, non-nodata pixel of a raster."""
+def _raster_window(path: Path, name: str, grid: Grid) -> np.ndarray:
+    """Cells of ``grid`` whose centre falls on a non-zero, non-nodata pixel of a raster; only
+    the window under ``grid`` is read (GDAL warps it onto the cells, nearest neighbour)."""
     import rasterio
+    from rasterio.enums import Resampling
     from rasterio.errors import RasterioIOError
-    from rasterio.warp import Resampling, reproject
+    from rasterio.vrt import WarpedVRT
 
+    ny, nx = grid.cell_shape
     try:
         with rasterio.open(path) as src:
             if src.crs is None:
@@ -331,24 +331,124 @@ def _coverage_raster(path: Path, name: str, grid: Grid) -> np.ndarray:
                     f"{name}: the coverage raster has no CRS; write it in EPSG:3035 "
                     "(e.g. gdal_edit.py -a_srs EPSG:3035)"
                 )
-            band = src.read(1, masked=True)
-            data = np.where(np.ma.getmaskarray(band), 0, band.filled(0))
-            data = (np.isfinite(data) & (data != 0)).astype(np.uint8)
-            out = np.zeros(grid.cell_shape, dtype=np.uint8)
-            reproject(
-                data,
-                out,
-                src_transform=src.transform,
-                src_crs=src.crs,
-                dst_transform=grid.cell_transform,
-                dst_crs=f"EPSG:{EPSG}",
-                src_nodata=None,
-                dst_nodata=None,
+            with WarpedVRT(
+                src,
+                crs=f"EPSG:{EPSG}",
+                transform=grid.cell_transform,
+                width=nx,
+                height=ny,
                 resampling=Resampling.nearest,  # the pixel under the cell's centre
-            )
+            ) as vrt:
+                band = vrt.read(1, masked=True)
     except RasterioIOError as e:
         raise CensusError(f"{name}: cannot read the coverage raster ({e})") from None
-    return out.astype(bool)
+    data = band.filled(0)
+    return np.isfinite(data) & (data != 0)
+
+
+class Coverage:
+    """Which census cells the census covers, for any window of the run's grid.
+
+    Built by :func:`open_coverage`: polygons are read and reprojected once, rasters are read
+    window by window, so a block of the region costs a block's memory. Close it (or use it
+    as a context manager) to remove the copies of remote files.
+    """
+
+    def __init__(
+        self, shapes: list[dict], rasters: list[tuple[Path, str]], temps: list[Path]
+    ) -> None:
+        self.whole = not shapes and not rasters
+        self._shapes, self._rasters, self._temps = shapes, rasters, temps
+        self._boxes = np.array([_geom_bounds(g) for g in shapes]).reshape(-1, 4)
+
+    def window(self, grid: Grid) -> np.ndarray:
+        """``(y_cell, x_cell)`` booleans over ``grid`` (the region or a block of it)."""
+        if self.whole:
+            return np.ones(grid.cell_shape, dtype=bool)
+        xmin, ymin, xmax, ymax = grid.bounds
+        b = self._boxes  # only the polygons near the window are rasterised
+        near = (b[:, 0] < xmax) & (b[:, 2] > xmin) & (b[:, 1] < ymax) & (b[:, 3] > ymin)
+        covered = coverage_from_shapes(
+            [s for s, n in zip(self._shapes, near, strict=True) if n], grid
+        )
+        for path, name in self._rasters:
+            covered |= _raster_window(path, name, grid)
+        return covered
+
+    def close(self) -> None:
+        for p in self._temps:
+            p.unlink(missing_ok=True)
+
+    def __enter__(self) -> Coverage:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_coverage(
+    source: str | Path | Sequence[str | Path] | None,
+    *,
+    countries: Sequence[str] | None = None,
+    country_property: str = "CNTR_ID",
+    storage_options: dict | None = None,
+) -> Coverage:
+    """Open the census' coverage (see :func:`read_coverage` for ``source``), checking each
+    file now: its format, its CRS, the ``countries`` it must hold."""
+    if source is None or (isinstance(source, str) and source == "region"):
+        if countries:
+            raise CensusError(
+                "census.coverage_countries needs census.coverage to be a polygon file "
+                "(e.g. GISCO's CNTR_RG_01M_2020_3035.geojson)"
+            )
+        return Coverage([], [], [])
+    sources = [source] if isinstance(source, (str, Path)) else list(source)
+    shapes: list[dict] = []
+    rasters: list[tuple[Path, str]] = []
+    temps: list[Path] = []
+    try:
+        for src in sources:
+            name = str(src)
+            suffix = Path(name.split("?")[0]).suffix.lower()
+            if suffix not in (".geojson", ".json", ".tif", ".tiff", ".vrt"):
+                raise CensusError(
+                    f"{name}: unknown coverage format {suffix!r}; give polygons as .geojson or "
+                    "a raster as .tif (or census.coverage: region)"
+                )
+            local = Path(name)
+            if "://" in name:
+                local = fetch_local(name, storage_options, what="coverage")
+                temps.append(local)
+            if not local.is_file():
+                raise CensusError(
+                    f"{name}: coverage file not found; set census.coverage to a GeoJSON of the "
+                    "census' countries, a coverage raster, or 'region'"
+                )
+            if suffix in (".geojson", ".json"):
+                polys, crs = _read_polygons(local, name, countries, country_property)
+                shapes += _to_3035(polys, crs)
+            else:
+                rasters.append((local, name))
+    except BaseException:
+        Coverage([], [], temps).close()
+        raise
+    return Coverage(shapes, rasters, temps)
+
+
+def _geom_bounds(geom: dict) -> tuple[float, float, float, float]:
+    polys = geom["coordinates"] if geom["type"] == "MultiPolygon" else [geom["coordinates"]]
+    xy = np.concatenate([np.asarray(ring, float)[:, :2] for p in polys for ring in p])
+    return (*xy.min(axis=0), *xy.max(axis=0))
+
+
+def _to_3035(shapes: list[dict], crs: str | int) -> list[dict]:
+    from rasterio.crs import CRS
+    from rasterio.warp import transform_geom
+
+    src = CRS.from_user_input(crs)
+    if src.to_epsg() == EPSG:
+        return shapes
+    return [transform_geom(src, CRS.from_epsg(EPSG), g) for g in shapes]
 
 
 def read_coverage(
@@ -383,71 +483,100 @@ def read_coverage(
         If a file is missing or unreadable, in an unknown CRS, holds no polygons, no feature
         matches ``countries``, or the coverage holds no cell of the region.
     """
-    if source is None or (isinstance(source, str) and source == "region"):
-        if countries:
-            raise CensusError(
-                "census.coverage_countries needs census.coverage to be a polygon file "
-                "(e.g. GISCO's CNTR_RG_01M_2020_3035.geojson)"
-            )
-        return np.ones(grid.cell_shape, dtype=bool)
-    sources = [source] if isinstance(source, (str, Path)) else list(source)
-    covered = np.zeros(grid.cell_shape, dtype=bool)
-    for src in sources:
-        covered |= _read_one_coverage(str(src), grid, countries, country_property, storage_options)
+    with open_coverage(
+        source,
+        countries=countries,
+        country_property=country_property,
+        storage_options=storage_options,
+    ) as cov:
+        covered = cov.window(grid)
     if not covered.any():
-        names = ", ".join(str(s) for s in sources)
-        raise CensusError(
-            f"{names}: the census coverage holds no cell of the region {grid.bounds} "
-            f"(EPSG:{EPSG}); check its CRS and extent, census.coverage_countries, or leave "
-            "census.coverage out to take the whole region as covered"
-        )
+        raise no_coverage_error(source, grid)
     return covered
 
 
-def _read_one_coverage(
-    name: str,
-    grid: Grid,
-    countries: Sequence[str] | None,
-    country_property: str,
-    storage_options: dict | None,
-) -> np.ndarray:
-    suffix = Path(name.split("?")[0]).suffix.lower()
-    if suffix not in (".geojson", ".json", ".tif", ".tiff", ".vrt"):
-        raise CensusError(
-            f"{name}: unknown coverage format {suffix!r}; give polygons as .geojson or a "
-            "raster as .tif (or census.coverage: region)"
-        )
-    local = _fetch(name, storage_options, what="coverage") if "://" in name else Path(name)
+def no_coverage_error(source, grid: Grid) -> CensusError:
+    sources = [source] if isinstance(source, (str, Path)) else list(source)
+    names = ", ".join(str(s) for s in sources)
+    return CensusError(
+        f"{names}: the census coverage holds no cell of the region {grid.bounds} "
+        f"(EPSG:{EPSG}); check its CRS and extent, census.coverage_countries, or leave "
+        "census.coverage out to take the whole region as covered"
+    )
+
+
+#: rows read at a time (the client holds one batch: about 100 MB with its cell ids parsed)
+BATCH_ROWS = 200_000
+
+
+@dataclass(frozen=True)
+class CensusTable:
+    """A census file opened for reading in batches, and which of its columns say what."""
+
+    path: Path  # the local file
+    name: str  # what messages call it (the configured path or URL)
+    column: str
+    flag_column: str | None
+    ids: tuple[str, ...]  # ("GRD_ID",) or ("X_LLC", "Y_LLC"), as the file spells them
+    layer: str | None = None  # a GeoPackage's table
+
+    @property
+    def columns(self) -> list[str]:
+        flag = [self.flag_column] if self.flag_column else []
+        return list(dict.fromkeys([*self.ids, self.column, *flag]))
+
+
+def open_table(path: Path, name: str, column: str, flag_column: str | None) -> CensusTable:
+    """Check a census file's header (format, CRS, cell ids, columns) without reading rows."""
+    if not path.is_file():
+        raise CensusError(f"{name}: census file not found; set census.path to a GISCO grid file")
     try:
-        if not local.is_file():
-            raise CensusError(
-                f"{name}: coverage file not found; set census.coverage to a GeoJSON of the "
-                "census' countries, a coverage raster, or 'region'"
-            )
-        if suffix in (".geojson", ".json"):
-            shapes, crs = _read_polygons(local, name, countries, country_property)
-            return coverage_from_shapes(shapes, grid, crs=crs)
-        return _coverage_raster(local, name, grid)
-    finally:
-        if local != Path(name):
-            local.unlink(missing_ok=True)
+        header, layer = _header(path)
+    except CensusError as e:
+        raise CensusError(str(e).replace(str(path), name)) from None
+    except Exception as e:  # unreadable file: say which and why
+        raise CensusError(f"{name}: cannot read the census table ({e})") from e
+    upper = {c.upper(): c for c in header}
+    if column not in header:
+        raise CensusError(
+            f"{name}: no population column {column!r}; set census.column to one of "
+            f"{[c for c in header if c.upper() not in ('GRD_ID', 'X_LLC', 'Y_LLC')][:12]}"
+        )
+    if flag_column is not None and flag_column not in header:
+        raise CensusError(
+            f"{name}: no flag column {flag_column!r}; set census.flag_column to one of "
+            f"{list(header)[:16]} or leave it out"
+        )
+    if flag_column is None and CONFIDENTIAL_COLUMN in upper:
+        flag_column = upper[CONFIDENTIAL_COLUMN]
+    if "GRD_ID" in upper:
+        ids: tuple[str, ...] = (upper["GRD_ID"],)
+    elif "X_LLC" in upper and "Y_LLC" in upper:
+        ids = (upper["X_LLC"], upper["Y_LLC"])
+    else:
+        raise CensusError(
+            f"{name}: no cell id; the table needs a GRD_ID column or X_LLC and Y_LLC columns"
+        )
+    return CensusTable(path, name, column, flag_column, ids, layer)
 
 
-def _read_table(path: Path, column: str) -> pd.DataFrame:
+def _header(path: Path) -> tuple[list[str], str | None]:
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        return pd.read_csv(path, low_memory=False)
+        return list(pd.read_csv(path, nrows=0).columns), None
     if suffix in (".parquet", ".pq"):
-        return pd.read_parquet(path)
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names), None
     if suffix == ".gpkg":
-        return _read_gpkg(path)
+        return _gpkg_header(path)
     raise CensusError(
         f"{path}: unknown census format {suffix!r}; use the GISCO grid as .gpkg, .csv or .parquet"
     )
 
 
-def _read_gpkg(path: Path) -> pd.DataFrame:
-    """Attribute table of the first feature layer of a GeoPackage (a SQLite file)."""
+def _gpkg_header(path: Path) -> tuple[list[str], str]:
+    """Columns (geometry left out) and name of the first feature layer of a GeoPackage."""
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
         layers = con.execute(
             "SELECT c.table_name, g.srs_id FROM gpkg_contents c "
@@ -463,9 +592,71 @@ def _read_gpkg(path: Path) -> pd.DataFrame:
                 "grid in ETRS89-LAEA (EPSG:3035) or reproject it (e.g. ogr2ogr -t_srs EPSG:3035)"
             )
         cols = [r[1] for r in con.execute(f"PRAGMA table_info({_quoted(table)})")]
-        keep = [c for c in cols if c.upper() not in ("GEOM", "GEOMETRY", "SHAPE")]
-        sel = ", ".join(_quoted(c) for c in keep)
-        return pd.read_sql_query(f"SELECT {sel} FROM {_quoted(table)}", con)
+    return [c for c in cols if c.upper() not in ("GEOM", "GEOMETRY", "SHAPE")], table
+
+
+def iter_batches(table: CensusTable, batch_rows: int = BATCH_ROWS) -> Iterator[pd.DataFrame]:
+    """The table's needed columns, ``batch_rows`` rows at a time, whatever its format."""
+    cols, suffix = table.columns, table.path.suffix.lower()
+    if suffix == ".csv":
+        yield from pd.read_csv(table.path, usecols=cols, chunksize=batch_rows, low_memory=False)
+    elif suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(table.path).iter_batches(batch_rows, columns=cols):
+            yield batch.to_pandas()
+    else:
+        sel = ", ".join(_quoted(c) for c in cols)
+        with sqlite3.connect(f"file:{table.path}?mode=ro", uri=True) as con:
+            cur = con.execute(f"SELECT {sel} FROM {_quoted(table.layer)}")
+            while rows := cur.fetchmany(batch_rows):
+                yield pd.DataFrame(rows, columns=cols)
+
+
+def iter_cells(
+    table: CensusTable, grid: Grid, batch_rows: int = BATCH_ROWS
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]:
+    """``(x_llc, y_llc, values, flagged)`` of the table's rows, a batch at a time, each batch
+    checked (CRS and resolution of its cell ids); see :func:`classify_cells`."""
+    batches = iter_batches(table, batch_rows)
+    while True:
+        try:
+            df = next(batches)
+        except StopIteration:
+            return
+        except Exception as e:  # unreadable rows: say which file and why
+            raise CensusError(f"{table.name}: cannot read the census table ({e})") from e
+        x_llc, y_llc = _cell_corners(df, table, grid)
+        values = pd.to_numeric(df[table.column], errors="coerce").to_numpy(np.float64)
+        flagged = None if table.flag_column is None else flag_values(df[table.flag_column])
+        yield x_llc, y_llc, values, flagged
+
+
+def _cell_corners(df: pd.DataFrame, table: CensusTable, grid: Grid) -> tuple[np.ndarray, ...]:
+    name = table.name
+    if len(table.ids) == 1:
+        cells = parse_grd_id(df[table.ids[0]])
+        crs = set(cells["crs"].unique())
+        if crs - {EPSG}:
+            raise CensusError(
+                f"{name}: cells are in CRS {sorted(crs)}, not EPSG:{EPSG}; use the GISCO grid "
+                "in ETRS89-LAEA (GRD_ID starting CRS3035)"
+            )
+        res = set(cells["res"].unique())
+        if res - {grid.cell}:
+            raise CensusError(
+                f"{name}: cells are {sorted(res)} m but grid.cell is {grid.cell} m; "
+                "use the matching GISCO grid or set grid.cell"
+            )
+        return cells["x_llc"].to_numpy(), cells["y_llc"].to_numpy()
+    x_llc = df[table.ids[0]].to_numpy(np.int64)
+    y_llc = df[table.ids[1]].to_numpy(np.int64)
+    if np.any(x_llc % grid.cell) or np.any(y_llc % grid.cell):
+        raise CensusError(
+            f"{name}: X_LLC/Y_LLC are not multiples of {grid.cell} m; is the file in "
+            f"EPSG:{EPSG} with {grid.cell} m cells?"
+        )
+    return x_llc, y_llc
 
 
 def _quoted(name: str) -> str:
@@ -474,7 +665,7 @@ def _quoted(name: str) -> str:
     return '"' + str(name).replace('"', '""') + '"'
 
 
-def _fetch(url: str, storage_options: dict | None, *, what: str = "census") -> Path:
+def fetch_local(url: str, storage_options: dict | None, *, what: str = "census") -> Path:
     """Copy a remote file (``s3://``, ``https://``, any fsspec URL) to a temp file."""
     import shutil
     import tempfile
@@ -506,7 +697,10 @@ def read_census(
     coverage: np.ndarray | None = None,
     flag_column: str | None = None,
 ) -> xr.DataArray:
-    """Read a GISCO 1 km population grid onto the census cells of ``grid``.
+    """Read a GISCO 1 km population grid onto the census cells of ``grid``, whole.
+
+    For a region that fits in memory (a run streams the census into its store instead:
+    :func:`popdask.census_blocks.stage`).
 
     Parameters
     ----------
@@ -543,142 +737,34 @@ def read_census(
         If the file is missing, lacks the column, the flag column or cell ids, is in another
         CRS or resolution, or lists no cell of the region.
     """
-    kw = {"name": str(path), "absent": absent, "coverage": coverage, "flag_column": flag_column}
-    if "://" in str(path):
-        local = _fetch(str(path), storage_options)
-        try:
-            return _read_local(local, grid, column, **kw)
-        finally:
-            local.unlink(missing_ok=True)
-    return _read_local(Path(path), grid, column, **kw)
+    from popdask import census_blocks
+
+    window = None if coverage is None else census_blocks.array_window(coverage)
+    with census_blocks.stage(
+        path,
+        grid,
+        column=column,
+        storage_options=storage_options,
+        absent=absent,
+        coverage=window,
+        flag_column=flag_column,
+    ) as staged:
+        return staged.to_dataarray()
 
 
 def census_from_config(cfg: CensusConfig, grid: Grid) -> xr.DataArray:
     """:func:`read_census` with everything the run configuration's ``census`` section says
-    (its coverage read by :func:`read_coverage`)."""
-    coverage = read_coverage(
-        cfg.coverage,
-        grid,
-        countries=cfg.coverage_countries,
-        country_property=cfg.coverage_property,
-        storage_options=cfg.storage_options,
-    )
-    da = read_census(
-        cfg.path,
-        grid,
-        column=cfg.column,
-        storage_options=cfg.storage_options,
-        absent=cfg.absent,
-        coverage=coverage,
-        flag_column=cfg.flag_column,
-    )
-    da.attrs["coverage"] = _coverage_name(cfg.coverage)
-    if cfg.coverage_countries:
-        da.attrs["coverage_countries"] = list(cfg.coverage_countries)
-    return da
+    (its coverage opened by :func:`open_coverage`)."""
+    from popdask import census_blocks
+
+    with census_blocks.stage_from_config(cfg, grid) as staged:
+        return staged.to_dataarray()
 
 
-def _coverage_name(coverage: str | list[str] | None) -> str | list[str]:
+def coverage_name(coverage: str | list[str] | None) -> str | list[str]:
     """How the store's attrs name the coverage: ``region`` or the file name(s)."""
     if coverage is None or coverage == "region":
         return "region"
     if isinstance(coverage, str):
         return Path(coverage.split("?")[0]).name
     return [Path(str(c).split("?")[0]).name for c in coverage]
-
-
-def _read_local(
-    path: Path,
-    grid: Grid,
-    column: str,
-    *,
-    name: str,
-    absent: Absent = "zero",
-    coverage: np.ndarray | None = None,
-    flag_column: str | None = None,
-) -> xr.DataArray:
-    if not path.is_file():
-        raise CensusError(f"{name}: census file not found; set census.path to a GISCO grid file")
-    try:
-        df = _read_table(path, column)
-    except CensusError as e:
-        raise CensusError(str(e).replace(str(path), name)) from None
-    except Exception as e:  # unreadable file: say which and why
-        raise CensusError(f"{name}: cannot read the census table ({e})") from e
-    path = name  # what every message below calls the file
-    columns = {c.upper(): c for c in df.columns}
-    if column not in df.columns:
-        raise CensusError(
-            f"{path}: no population column {column!r}; set census.column to one of "
-            f"{[c for c in df.columns if c.upper() not in ('GRD_ID', 'X_LLC', 'Y_LLC')][:12]}"
-        )
-    if flag_column is not None and flag_column not in df.columns:
-        raise CensusError(
-            f"{path}: no flag column {flag_column!r}; set census.flag_column to one of "
-            f"{list(df.columns)[:16]} or leave it out"
-        )
-    if flag_column is None and CONFIDENTIAL_COLUMN in columns:
-        flag_column = columns[CONFIDENTIAL_COLUMN]
-    if "GRD_ID" in columns:
-        cells = parse_grd_id(df[columns["GRD_ID"]])
-        crs = set(cells["crs"].unique())
-        if crs != {EPSG}:
-            raise CensusError(
-                f"{path}: cells are in CRS {sorted(crs)}, not EPSG:{EPSG}; use the GISCO grid "
-                "in ETRS89-LAEA (GRD_ID starting CRS3035)"
-            )
-        res = set(cells["res"].unique())
-        if res != {grid.cell}:
-            raise CensusError(
-                f"{path}: cells are {sorted(res)} m but grid.cell is {grid.cell} m; "
-                "use the matching GISCO grid or set grid.cell"
-            )
-        x_llc, y_llc = cells["x_llc"].to_numpy(), cells["y_llc"].to_numpy()
-    elif "X_LLC" in columns and "Y_LLC" in columns:
-        x_llc = df[columns["X_LLC"]].to_numpy(np.int64)
-        y_llc = df[columns["Y_LLC"]].to_numpy(np.int64)
-        if np.any(x_llc % grid.cell) or np.any(y_llc % grid.cell):
-            raise CensusError(
-                f"{path}: X_LLC/Y_LLC are not multiples of {grid.cell} m; is the file in "
-                f"EPSG:{EPSG} with {grid.cell} m cells?"
-            )
-    else:
-        raise CensusError(
-            f"{path}: no cell id; the table needs a GRD_ID column or X_LLC and Y_LLC columns"
-        )
-    values = pd.to_numeric(df[column], errors="coerce").to_numpy(np.float64)
-    flagged = None if flag_column is None else flag_values(df[flag_column])
-    raster, state = classify_cells(
-        x_llc, y_llc, values, grid, covered=coverage, absent=absent, flagged=flagged
-    )
-    if not (state == KNOWN).any():
-        raise CensusError(
-            f"{path}: no known {column} value inside the region {grid.bounds} (EPSG:{EPSG}); "
-            "the file does not cover the region — check region.bbox or use the right country "
-            "file"
-        )
-    counts = count_cells(state)
-    log.info(
-        "census %s: %d cells: %d known, %d zero by absence (absent: %s), %d unknown "
-        "(flagged/empty/negative or outside the coverage)",
-        Path(str(path).split("?")[0]).name,
-        state.size,
-        counts["cells_known"],
-        counts["cells_absent_zero"],
-        absent,
-        counts["cells_unknown"],
-    )
-    return xr.DataArray(
-        raster,
-        dims=("y_cell", "x_cell"),
-        coords=grid.cell_coords(),
-        name="census",
-        attrs={
-            "units": "persons",
-            "source": Path(str(path).split("?")[0]).name,
-            "column": column,
-            "absent": absent,
-            "flag_column": flag_column or "",
-            **counts,
-        },
-    )

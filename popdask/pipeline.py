@@ -18,7 +18,6 @@ stopped. Nothing the client holds grows with the region beyond per-tile summarie
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import traceback
@@ -32,7 +31,7 @@ import numpy as np
 from distributed import Client
 
 from popdask import __version__, catalog, regression, store, tasks, terms
-from popdask.census import census_from_config
+from popdask.census_blocks import stage_from_config
 from popdask.composite import REFLECTANCE
 from popdask.config import Config
 from popdask.grid import Grid, Tile
@@ -784,16 +783,16 @@ def truth_metrics(pop: np.ndarray, truth: np.ndarray) -> dict[str, float]:
 UNSIGNED = ("output", "cluster", "read")
 
 
-def run_signature(cfg: Config, census: np.ndarray) -> dict[str, Any]:
+def run_signature(cfg: Config, census_sha256: str) -> dict[str, Any]:
     """What determines a store's content, flat (``{"model.clusters": 150, …}``): the
     configuration but for :data:`UNSIGNED` and the census section, whose cell values are
-    signed instead (their SHA-256: the file may move, its values may not), and popdask's
-    version. The tiles' items are in the store's catalog records, reused on resume."""
+    signed instead (their SHA-256, :class:`popdask.census_blocks.Staged`: the file may move,
+    its values may not), and popdask's version. The tiles' items are in the store's catalog
+    records, reused on resume."""
     d = {k: v for k, v in cfg.to_dict().items() if k not in (*UNSIGNED, "census")}
     flat = _flatten(d)
     flat["popdask_version"] = __version__
-    values = np.ascontiguousarray(census, np.float32)
-    flat["census_sha256"] = hashlib.sha256(values.tobytes()).hexdigest()
+    flat["census_sha256"] = census_sha256
     return flat
 
 
@@ -861,31 +860,27 @@ def run(
     grid = cfg.make_grid()
     path, so = cfg.output.store, cfg.output.storage_options
     log.info("grid: %s, %d×%d px, %d tiles", grid.bounds, *grid.shape, len(grid.tiles()))
-    census = census_from_config(cfg.census, grid)
-    sources = catalog.sources_of(cfg)
-    probe_sources(sources, region_lonlat(grid))
-    bands = [b for s in sources for b in s.config.bands]
-    kinds = [ROLES[s.name] for s in sources for _ in s.config.bands]
-    created = store.create(
-        path,
-        grid,
-        bands=bands,
-        kinds=kinds,
-        census=census,
-        attrs={"config": cfg.to_dict(), "popdask_version": __version__},
-        storage_options=so,
-        terms=active_terms(cfg, kinds),
-        signature=run_signature(cfg, census.values),
-    )
+    # the census goes from its file to the store's chunks a batch of rows and a block of
+    # cells at a time: the client never holds the region's census
+    with stage_from_config(cfg.census, grid) as census:
+        sources = catalog.sources_of(cfg)
+        probe_sources(sources, region_lonlat(grid))
+        bands = [b for s in sources for b in s.config.bands]
+        kinds = [ROLES[s.name] for s in sources for _ in s.config.bands]
+        created = store.create(
+            path,
+            grid,
+            bands=bands,
+            kinds=kinds,
+            census=census,
+            attrs={"config": cfg.to_dict(), "popdask_version": __version__},
+            storage_options=so,
+            terms=active_terms(cfg, kinds),
+            signature=run_signature(cfg, census.sha256),
+        )
+        known = census.finite_cells
     log.info("store: %s %s", "created" if created else "resuming", path)
-    store.update_attrs(
-        path,
-        {
-            "census_known_cells": int(np.isfinite(census.values).sum()),
-        },
-        so,
-    )
-    del census
+    store.update_attrs(path, {"census_known_cells": known}, so)
     timings["search"] = time.perf_counter() - t0
 
     t = time.perf_counter()

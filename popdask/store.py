@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask.array as da
 import numcodecs
@@ -36,10 +36,16 @@ import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 import zarr
 
+from popdask.census_blocks import block_cells
 from popdask.chunkio import MISSING_ATTR, ChunkArray, put, resolve, write_array
 from popdask.grid import CRS, Grid, Tile
 
+if TYPE_CHECKING:
+    from popdask.census_blocks import Staged
+
 MISSING, COMPOSITED, LABELLED, COMPLETE, FAILED = 0, 1, 2, 3, -1
+#: root attribute (in ``popdask``): False from creation until every census block is written
+CENSUS_WRITTEN = "census_written"
 TILE_SCENES = "tile_scenes"
 #: What each composite task counts of its tile (``tile_counts``, ``count`` axis): the
 #: Sentinel-2 items its search found and those it used, its reads filled as nodata (assets
@@ -153,7 +159,9 @@ def grid_signature(grid: Grid, bands: list[str]) -> dict[str, Any]:
     }
 
 
-def template(grid: Grid, bands: list[str], kinds: list[str], census: xr.DataArray) -> xr.Dataset:
+def template(
+    grid: Grid, bands: list[str], kinds: list[str], census_attrs: Mapping[str, Any]
+) -> xr.Dataset:
     """The lazy dataset whose metadata defines the store (no pixel data computed)."""
     ny, nx = grid.shape
     # one dask chunk per variable: only the metadata is written (compute=False), and the
@@ -188,11 +196,11 @@ def template(grid: Grid, bands: list[str], kinds: list[str], census: xr.DataArra
             ),
             "census": (
                 ("y_cell", "x_cell"),
-                census.values.astype(np.float32),
+                da.full(grid.cell_shape, np.nan, dtype=np.float32, chunks=cell_chunks),
                 {
                     "units": "persons",
                     "long_name": "census count used (NaN unknown)",
-                    **census.attrs,
+                    **census_attrs,
                 },
             ),
             "predicted": (
@@ -263,7 +271,7 @@ def create(
     *,
     bands: list[str],
     kinds: list[str],
-    census: xr.DataArray,
+    census: xr.DataArray | Staged,
     attrs: Mapping[str, Any],
     storage_options=None,
     terms: Sequence[str] = (),
@@ -271,7 +279,9 @@ def create(
 ) -> bool:
     """Create the store, or check that an existing one belongs to this run.
 
-    ``terms`` names the run's covariate layers: a new store gets its ``terms`` array (see
+    ``census`` is written after the metadata, block by block when staged
+    (:mod:`popdask.census_blocks`); a store whose census write was interrupted gets it again
+    on resume. ``terms`` names the run's covariate layers: a new store gets its ``terms`` array (see
     :func:`ensure_terms`) before its metadata is consolidated, so no pass has to add it later.
     ``signature`` (flat ``{key: value}``) is what determines the store's content: it is
     recorded, and a store recorded with another is not resumed.
@@ -296,11 +306,12 @@ def create(
                 "start over"
             )
         _check_signature(path, old.get("signature"), signature)
+        if old.get(CENSUS_WRITTEN) is False:
+            _write_census(path, census, storage_options)
         return False
-    ds = template(grid, bands, kinds, census)
-    ds.attrs.update(
-        {"popdask": {"grid": sig, "signature": dict(signature or {})}, **_jsonable(attrs)}
-    )
+    ds = template(grid, bands, kinds, _jsonable(dict(census.attrs)))
+    meta = {"grid": sig, "signature": dict(signature or {}), CENSUS_WRITTEN: False}
+    ds.attrs.update({"popdask": meta, **_jsonable(attrs)})
     encoding = {
         # No _FillValue on the integers (it would make xarray decode them to float):
         # chunks not written yet read as 0; tile_status says which tiles are done.
@@ -310,9 +321,9 @@ def create(
         # unwritten: not composited yet (read as NaN by xarray, -1 by popdask)
         TILE_SCENES: {"_FillValue": -1},
         TILE_COUNTS: {"_FillValue": -1},
-        # written whole at creation: a chunk per 10 × 10 tiles (40 KB of 10 km tiles) keeps
-        # the files few (4,200 for the EU, not 42,000) and a tile task's read small
-        "census": {"chunks": tuple(min(10 * grid.tile // grid.cell, n) for n in grid.cell_shape)},
+        # a chunk per block of 10 × 10 tiles (40 KB of 10 km tiles) keeps the files few
+        # (4,200 for the EU, not 42,000) and a tile task's read small
+        "census": {"chunks": tuple(min(block_cells(grid), n) for n in grid.cell_shape)},
     }
     for name, chunks in chunk_encoding(grid, len(bands)).items():
         encoding.setdefault(name, {})["chunks"] = chunks
@@ -341,8 +352,19 @@ def create(
         ) from e
     if terms:
         _create_terms(open_group(path, storage_options), terms)
-    consolidate(path, storage_options)
+    _write_census(path, census, storage_options)
     return True
+
+
+def _write_census(path: str, census: xr.DataArray | Staged, storage_options) -> None:
+    """Write the census's cells (the store's metadata exists), then say so in the attrs."""
+    array = open_array(path, "census", storage_options)
+    if isinstance(census, xr.DataArray):
+        array[...] = census.values.astype(np.float32)
+    else:
+        census.write(array, progress=len(census.blocks) > 100)
+    meta = dict(root_attrs(path, storage_options)["popdask"], **{CENSUS_WRITTEN: True})
+    update_attrs(path, {"popdask": meta}, storage_options)
 
 
 def _check_signature(path: str, stored: Mapping | None, wanted: Mapping | None) -> None:

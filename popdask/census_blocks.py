@@ -1,0 +1,278 @@
+"""The census streamed into blocks of cells: the client never holds the region's census.
+
+A run's census can be the EU's (4.2 M cells from a table of millions of rows). :func:`stage`
+reads the table a batch of rows at a time, spills each batch's rows by *block* (10 × 10 tiles
+of cells, one chunk of the store's ``census``) to a local scratch folder, then classifies each
+block on its own window of the coverage (:func:`popdask.census.classify_cells` on the block's
+grid) and keeps the block's raster on disk. :meth:`Staged.write` copies the blocks into the
+store, one chunk each. The client holds one batch of rows or one block of cells at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import xarray as xr
+
+from popdask.census import (
+    BATCH_ROWS,
+    UNKNOWN,
+    Absent,
+    CensusError,
+    classify_cells,
+    count_cells,
+    coverage_name,
+    fetch_local,
+    iter_cells,
+    no_coverage_error,
+    open_coverage,
+    open_table,
+)
+from popdask.grid import EPSG, Grid
+
+if TYPE_CHECKING:
+    from popdask.config import CensusConfig
+
+log = logging.getLogger(__name__)
+
+#: a block is this many tiles on a side (the store's census chunk: 4,200 files for the EU)
+BLOCK_TILES = 10
+#: a spilled row: the cell's lower-left corner, its value and its confidentiality flag
+ROW = np.dtype([("x", "<i8"), ("y", "<i8"), ("v", "<f8"), ("flag", "?")])
+
+
+@dataclass(frozen=True)
+class Block:
+    """A block of census cells: its place in the region's ``(y_cell, x_cell)`` raster and
+    its own grid (for the coverage and the classification)."""
+
+    index: int
+    ys: slice
+    xs: slice
+    grid: Grid
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.ys.stop - self.ys.start, self.xs.stop - self.xs.start)
+
+
+def block_cells(grid: Grid) -> int:
+    """Cells on a side of a block (and of a chunk of the store's ``census``)."""
+    return BLOCK_TILES * grid.tile // grid.cell
+
+
+def blocks(grid: Grid) -> list[Block]:
+    """The region's blocks, row by row from the north-west corner (the last ones cut short)."""
+    n, (ny, nx), c = block_cells(grid), grid.cell_shape, grid.cell
+    xmin, _, _, ymax = grid.bounds
+    out: list[Block] = []
+    for r0 in range(0, ny, n):
+        for c0 in range(0, nx, n):
+            r1, c1 = min(r0 + n, ny), min(c0 + n, nx)
+            bounds = (xmin + c0 * c, ymax - r1 * c, xmin + c1 * c, ymax - r0 * c)
+            sub = Grid(bounds, resolution=grid.resolution, cell=c, tile=grid.tile)
+            out.append(Block(len(out), slice(r0, r1), slice(c0, c1), sub))
+    return out
+
+
+def array_window(covered: np.ndarray) -> Callable[[Block], np.ndarray]:
+    """A coverage given as a region-sized array (small regions, tests), read per block."""
+    return lambda b: np.asarray(covered, dtype=bool)[b.ys, b.xs]
+
+
+@dataclass
+class Staged:
+    """The census of a region, classified block by block and kept in a scratch folder."""
+
+    grid: Grid
+    folder: Path
+    blocks: list[Block]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    sha256: str = ""  # of the blocks' float32 values, block after block
+    finite_cells: int = 0  # known or zero by absence: the cells a fit can use
+
+    def block(self, b: Block) -> np.ndarray:
+        """One block's census, float32 (NaN where unknown)."""
+        return np.fromfile(self.folder / f"{b.index}.f32", np.float32).reshape(b.shape)
+
+    def write(self, array, *, progress: bool = False) -> None:
+        """Copy every block into ``array`` (the store's ``census``: a chunk per block)."""
+        from tqdm.auto import tqdm
+
+        for b in tqdm(self.blocks, desc="census", unit="block", disable=not progress):
+            array[b.ys, b.xs] = self.block(b)
+
+    def to_dataarray(self) -> xr.DataArray:
+        """The whole region's census as one ``(y_cell, x_cell)`` array (small regions)."""
+        raster = np.full(self.grid.cell_shape, np.nan, np.float32)
+        for b in self.blocks:
+            raster[b.ys, b.xs] = self.block(b)
+        return xr.DataArray(
+            raster,
+            dims=("y_cell", "x_cell"),
+            coords=self.grid.cell_coords(),
+            name="census",
+            attrs=dict(self.attrs),
+        )
+
+
+@contextmanager
+def stage(
+    path: str | Path,
+    grid: Grid,
+    *,
+    column: str = "TOT_P_2021",
+    storage_options: dict | None = None,
+    absent: Absent = "zero",
+    coverage: Callable[[Block], np.ndarray] | None = None,
+    flag_column: str | None = None,
+    batch_rows: int = BATCH_ROWS,
+) -> Iterator[Staged]:
+    """Read a GISCO 1 km grid file into blocks of ``grid``'s cells, a batch at a time.
+
+    Parameters are those of :func:`popdask.census.read_census`, but ``coverage`` gives a
+    block's covered cells (``None``: the whole region is covered). The staged blocks live in
+    a temporary folder removed when the context ends.
+
+    Raises
+    ------
+    CensusError
+        As :func:`popdask.census.read_census`: before anything is written anywhere.
+    """
+    name = str(path)
+    with tempfile.TemporaryDirectory(prefix="popdask-census-") as tmp:
+        folder = Path(tmp)
+        local = fetch_local(name, storage_options) if "://" in name else Path(path)
+        try:
+            table = open_table(local, name, column, flag_column)
+            _spill(table, grid, folder, batch_rows)
+        finally:
+            if local != Path(path):
+                local.unlink(missing_ok=True)
+        staged = _classify(grid, folder, coverage, absent=absent, flagged=bool(table.flag_column))
+        if not staged.attrs["cells_known"]:
+            raise CensusError(
+                f"{name}: no known {column} value inside the region {grid.bounds} "
+                f"(EPSG:{EPSG}); the file does not cover the region — check region.bbox or use "
+                "the right country file"
+            )
+        staged.attrs.update(
+            units="persons",
+            source=Path(name.split("?")[0]).name,
+            column=column,
+            absent=absent,
+            flag_column=table.flag_column or "",
+        )
+        _log(staged, absent)
+        yield staged
+
+
+@contextmanager
+def stage_from_config(cfg: CensusConfig, grid: Grid) -> Iterator[Staged]:
+    """:func:`stage` with everything the configuration's ``census`` section says (its
+    coverage opened by :func:`popdask.census.open_coverage` and read block by block)."""
+    with open_coverage(
+        cfg.coverage,
+        countries=cfg.coverage_countries,
+        country_property=cfg.coverage_property,
+        storage_options=cfg.storage_options,
+    ) as cov:
+        window = None if cov.whole else (lambda b: cov.window(b.grid))
+        with stage(
+            cfg.path,
+            grid,
+            column=cfg.column,
+            storage_options=cfg.storage_options,
+            absent=cfg.absent,
+            coverage=window,
+            flag_column=cfg.flag_column,
+        ) as staged:
+            if window is not None and not staged.attrs["cells_covered"]:
+                raise no_coverage_error(cfg.coverage, grid)
+            staged.attrs["coverage"] = coverage_name(cfg.coverage)
+            if cfg.coverage_countries:
+                staged.attrs["coverage_countries"] = list(cfg.coverage_countries)
+            yield staged
+
+
+def _spill(table, grid: Grid, folder: Path, batch_rows: int) -> None:
+    """Append each batch's rows inside the region to its block's file, in file order (a cell
+    listed twice keeps its last row, as when the table is read whole)."""
+    n, (ny, nx) = block_cells(grid), grid.cell_shape
+    xmin, _, _, ymax = grid.bounds
+    per_row = -(-nx // n)  # blocks in a row of blocks
+    for x, y, v, flagged in iter_cells(table, grid, batch_rows):
+        col = (np.asarray(x, np.int64) - xmin) // grid.cell
+        row = (ymax - grid.cell - np.asarray(y, np.int64)) // grid.cell
+        inside = (row >= 0) & (row < ny) & (col >= 0) & (col < nx)
+        if not inside.any():
+            continue
+        rows = np.empty(int(inside.sum()), ROW)
+        rows["x"], rows["y"], rows["v"] = x[inside], y[inside], v[inside]
+        rows["flag"] = False if flagged is None else flagged[inside]
+        key = (row[inside] // n) * per_row + col[inside] // n
+        order = np.argsort(key, kind="stable")
+        keys, starts = np.unique(key[order], return_index=True)
+        for k, part in zip(keys, np.split(rows[order], starts[1:]), strict=True):
+            with open(folder / f"{k}.rows", "ab") as f:
+                f.write(part.tobytes())
+
+
+def _classify(
+    grid: Grid,
+    folder: Path,
+    coverage: Callable[[Block], np.ndarray] | None,
+    *,
+    absent: Absent,
+    flagged: bool,
+) -> Staged:
+    """Classify every block from its spilled rows and coverage; keep its raster on disk."""
+    staged = Staged(grid, folder, blocks(grid))
+    sha = hashlib.sha256()
+    counts = dict.fromkeys(("cells_known", "cells_absent_zero", "cells_unknown"), 0)
+    covered_cells = 0
+    for b in staged.blocks:
+        spilled = folder / f"{b.index}.rows"
+        rows = np.fromfile(spilled, ROW) if spilled.exists() else np.empty(0, ROW)
+        covered = None if coverage is None else coverage(b)
+        covered_cells += b.shape[0] * b.shape[1] if covered is None else int(covered.sum())
+        raster, state = classify_cells(
+            rows["x"],
+            rows["y"],
+            rows["v"],
+            b.grid,
+            covered=covered,
+            absent=absent,
+            flagged=rows["flag"] if flagged else None,
+        )
+        raster.tofile(folder / f"{b.index}.f32")
+        spilled.unlink(missing_ok=True)
+        sha.update(raster.tobytes())
+        for k, v in count_cells(state).items():
+            counts[k] += v
+        staged.finite_cells += int((state != UNKNOWN).sum())
+    staged.sha256 = sha.hexdigest()
+    staged.attrs.update(counts, cells_covered=covered_cells)
+    return staged
+
+
+def _log(staged: Staged, absent: str) -> None:
+    a = staged.attrs
+    log.info(
+        "census %s: %d cells: %d known, %d zero by absence (absent: %s), %d unknown "
+        "(flagged/empty/negative or outside the coverage)",
+        a["source"],
+        a["cells_known"] + a["cells_absent_zero"] + a["cells_unknown"],
+        a["cells_known"],
+        a["cells_absent_zero"],
+        absent,
+        a["cells_unknown"],
+    )
