@@ -272,7 +272,14 @@ class ClosingReader(AutoParallelRioReader):
     Single-band GeoTIFFs read with nearest resampling onto another grid, whose only mask is
     their nodata value, are read raw and gathered with a cached index map
     (:class:`NearestGather`); anything else goes through stackstac's warped read.
+    stackstac's ``errors_as_nodata`` is ignored: only a missing file (:data:`NOT_FOUND`) is
+    read as nodata, and counted; any other error (a truncated file, a failed range read) is
+    retried, then fails the tile.
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.errors_as_nodata = ()
 
     def _clean(self, text: str) -> str:
         return redact(text)

@@ -216,3 +216,41 @@ def test_a_read_error_other_than_not_found_is_retried_then_fails(tmp_path, monke
     ours, _ = _pair(tmp_path / "broken.tif", errors_as_nodata=(RasterioIOError(".*"),))
     with pytest.raises(RuntimeError, match=r"broken\.tif"):
         ours.read(Window(0, 0, 8, 8))
+
+
+def test_a_truncated_cog_is_an_error_where_its_bytes_are_missing(tmp_path, monkeypatch):
+    """A COG cut short on disk (an upload that died): its header opens and the windows
+    whose tiles remain read as before; a window whose tiles are gone is retried, then an
+    error naming the file, never nodata, even when stackstac is told to fill any error."""
+    from rasterio.errors import RasterioIOError
+
+    monkeypatch.setattr(reader_mod, "BACKOFF_S", 0.01)
+    rng = np.random.default_rng(0)
+    data = rng.integers(1, 60000, (512, 512), dtype=np.uint16)  # incompressible
+    path = tmp_path / "cut.tif"
+    profile = dict(
+        driver="COG", width=512, height=512, count=1, dtype="uint16", crs="EPSG:3035",
+        transform=Affine(20, 0, 4321000, 0, -20, 3211280), nodata=0, blocksize=128,
+        compress="deflate", overviews="none",
+    )  # fmt: skip
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data, 1)
+    whole = path.read_bytes()
+    path.write_bytes(whole[: int(len(whole) * 0.6)])  # the last rows of tiles are gone
+    spec = RasterSpec(
+        epsg=3035, bounds=(4321000, 3211280 - 512 * 20, 4321000 + 512 * 20, 3211280),
+        resolutions_xy=(20, 20),
+    )  # fmt: skip
+    ours = ClosingReader(
+        url=str(path),
+        spec=spec,
+        resampling=Resampling.nearest,
+        dtype=np.dtype("float32"),
+        fill_value=np.float32("nan"),
+        scale_offset=(1, 0),
+        errors_as_nodata=(RasterioIOError(".*"),),
+    )
+    top = ours.read(Window(0, 0, 512, 128))
+    np.testing.assert_array_equal(top, data[:128].astype(np.float32))
+    with pytest.raises(RuntimeError, match=r"cut\.tif"):
+        ours.read(Window(0, 384, 512, 128))
