@@ -694,3 +694,95 @@ class MotoServer(_Server):
                 s3.upload_file(str(path), bucket, key)
                 n += 1
         return n
+
+
+class FaultyProxy:
+    """An HTTP proxy on loopback in front of a server (moto's S3) that answers 503 SlowDown
+    instead of forwarding some requests: every ``every``-th request whose path matches
+    ``match`` (a regex), or every one in ``always`` (``{(method, path regex)}``), counting
+    what it refused per method and path.
+
+    Runs in the test's process (a thread per connection); :meth:`close` stops it.
+    """
+
+    def __init__(self, target: str, *, match: str = r".", every: int = 0) -> None:
+        import http.client
+        import re
+        import threading
+        from collections import Counter
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        host = urlsplit(target)
+        self.match, self.every, self.always = re.compile(match), every, set()
+        self.refused: Counter = Counter()
+        self.seen = 0
+        lock, proxy = threading.Lock(), self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _relay(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                if proxy._refuse(self.command, self.path, lock):
+                    self._slow_down()
+                    return
+                conn = http.client.HTTPConnection(host.hostname, host.port, timeout=60)
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() != "expect"}
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                finally:
+                    conn.close()
+                self.send_response(resp.status, resp.reason)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            def _slow_down(self) -> None:
+                body = (
+                    b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                    b"<Message>injected by the test</Message></Error>"
+                )
+                self.send_response(503, "Slow Down")
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _relay
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def _refuse(self, method: str, path: str, lock) -> bool:
+        import re
+
+        path = path.split("?")[0]
+        with lock:
+            if any(m == method and re.search(p, path) for m, p in self.always):
+                self.refused[(method, path)] += 1
+                return True
+            if not self.every or not self.match.search(path):
+                return False
+            self.seen += 1
+            if self.seen % self.every:
+                return False
+            self.refused[(method, path)] += 1
+            return True
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

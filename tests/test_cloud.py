@@ -24,7 +24,14 @@ import numpy as np
 import pytest
 import xarray as xr
 from conftest import write_config
-from servers import MotoServer, NginxServer, PgstacApi, PostgresServer, missing_services
+from servers import (
+    FaultyProxy,
+    MotoServer,
+    NginxServer,
+    PgstacApi,
+    PostgresServer,
+    missing_services,
+)
 
 from popdask import cli, store
 from popdask.config import ReadConfig, load_config
@@ -349,10 +356,32 @@ def test_small_window_fetches_a_small_share_of_each_file(big_cogs, client):
 # End to end
 # --------------------------------------------------------------------------------------
 def test_run_pgstac_nginx_to_s3_equals_local_run(
-    tmp_path, demo_region, pgstac_api, nginx, aws_env, dask_cluster, clean_run, capsys, caplog
+    tmp_path,
+    demo_region,
+    pgstac_api,
+    nginx,
+    aws_env,
+    dask_cluster,
+    clean_run,
+    capsys,
+    caplog,
+    monkeypatch,
 ):
     """`popdask run` searching pgstac, reading COGs from nginx, writing a versioned Zarr
-    store to S3; the result equals the local-file run's."""
+    store to S3; the result equals the local-file run's. The credentials, in the client's
+    environment, are nowhere in the store, the output, the logs or the task graphs sent to
+    the scheduler."""
+    from distributed import Client
+    from distributed.protocol import dumps
+
+    sent: list[bytes] = []
+    send = Client._send_to_scheduler
+
+    def spy(self, msg):  # every message to the scheduler, as it goes on the wire
+        sent.append(b"".join(bytes(f) for f in dumps(msg)))
+        return send(self, msg)
+
+    monkeypatch.setattr(Client, "_send_to_scheduler", spy)
     cfg_path = write_config(
         tmp_path, url=pgstac_api, census=demo_region.census, address=dask_cluster
     )
@@ -385,6 +414,73 @@ def test_run_pgstac_nginx_to_s3_equals_local_run(
         assert not any(x in body for x in secrets), obj["Key"]
     for text in (printed.out, printed.err, caplog.text):
         assert not any(x.decode() in text for x in secrets)
+    graphs = [m for m in sent if b"update-graph" in m]
+    assert len(graphs) > 20  # the tiles' tasks of every pass
+    # the tasks' arguments are plain in these bytes (the store's URL is): so would a secret be
+    assert sum(OUT_BUCKET.encode() in m for m in graphs) > 20
+    assert not any(x in m for m in sent for x in secrets)
+
+
+def test_object_store_faults_during_the_passes_are_retried_or_fail_their_tile_and_pass(
+    tmp_path, demo_region, pgstac_api, nginx, aws_env, client, dask_cluster, clean_run, capsys
+):
+    """The store on S3 behind a proxy that answers 503 SlowDown to every 4th request for the
+    tiles' chunks (reads and writes, every pass) and to every write of one tile's
+    ``population`` chunk. The passing faults are retried; the lasting one fails that tile in
+    the predict pass only (its composite and labels stay done), never as fill data; once the
+    store answers again, a rerun finishes and equals the clean run."""
+    proxy = FaultyProxy(
+        aws_env.endpoint,
+        match=r"^/popdask-out/faulty\.zarr/(composite|cluster|population|density|terms)/",
+        every=4,
+    )
+    proxy.always.add(("PUT", r"/faulty\.zarr/population/0\.0$"))
+    old = client.run(_set_env, {"AWS_MAX_ATTEMPTS": "2", "AWS_RETRY_MODE": "standard"})
+    url, so = f"s3://{OUT_BUCKET}/faulty.zarr", {"endpoint_url": proxy.url}
+    cfg_path = write_config(
+        tmp_path, url=pgstac_api, census=demo_region.census, address=dask_cluster
+    )
+    sets = [f"output.path={url}", f"output.storage_options={json.dumps(so)}"]
+    argv = ["run", str(cfg_path), *(x for s in sets for x in ("--set", s))]
+    try:
+        assert cli.main(argv) == 1
+        err = capsys.readouterr().err
+        assert "failed in the predict pass" in err and "N" in err
+        status = store.tile_status(url, so)
+        assert status[0, 0] == store.failed_code(store.COMPLETE)  # -3: predict failed
+        assert (status.ravel()[1:] == store.COMPLETE).all()
+        failed = store.root_attrs(url, so)["failed_predict"]
+        assert list(failed) == [load_config(cfg_path).make_grid().tiles()[0].id]
+        assert "population/0.0" in next(iter(failed.values()))
+        refused = {(m, p.split("/")[3]) for m, p in proxy.refused}
+        # the passing faults hit reads and writes of every pass's arrays
+        assert {("PUT", "composite"), ("PUT", "cluster"), ("GET", "composite")} <= refused
+        ref = xr.open_zarr(clean_run.parent / "out.zarr")
+        got = store.open_store(url, so)
+        np.testing.assert_array_equal(got.composite.values, ref.composite.values)
+        np.testing.assert_array_equal(got.cluster.values, ref.cluster.values)
+
+        proxy.always.clear()  # the store answers again (the passing faults go on)
+        assert cli.main(argv) == 0
+        _assert_same_store(url, clean_run.parent / "out.zarr", so)
+        assert store.root_attrs(url, so)["failed_predict"] == {}
+    finally:
+        proxy.close()
+        for worker, env in old.items():
+            client.run(_set_env, env, workers=[worker])
+
+
+def _set_env(values: dict) -> dict:
+    """Set (or, for None, unset) environment variables; returns the old values."""
+    import os
+
+    old = {k: os.environ.get(k) for k in values}
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    return old
 
 
 def test_missing_bucket_is_one_clear_line(tmp_path, demo_region, aws_env, capsys):
