@@ -113,7 +113,9 @@ def store_layers(path: str, storage_options=None) -> dict[str, Layer]:
         if dims == ["y", "x"]:
             out[name] = _layer(arr, name, name, None)
         elif name == "population_by" and len(dims) == 3 and dims[1:] == ["y", "x"]:
-            names = ChunkArray(path, dims[0], storage_options).read((slice(None),))
+            from popdask.store import open_array
+
+            names = open_array(path, dims[0], storage_options, mode="r")[...]
             for i, col in enumerate(names):
                 out[f"{name}/{col}"] = _layer(arr, f"{name}/{col}", name, i)
     return out

@@ -163,13 +163,6 @@ def export(
     >>> import popdask
     >>> popdask.export("out.zarr", "export/", layers=["population"])  # doctest: +SKIP
     """
-    if client is None:
-        from popdask.cluster import get_client
-
-        with get_client(cluster) as c:
-            return export(path, out, layers, storage_options=storage_options,
-                          out_options=out_options, client=c, collection_id=collection_id,
-                          progress=progress)  # fmt: skip
     t0 = time.perf_counter()
     so, oo = dict(storage_options or {}), dict(out_options or {})
     attrs = store.root_attrs(path, so)
@@ -184,6 +177,12 @@ def export(
         )
     if skipped:
         log.warning("export: %d incomplete tiles skipped: %s", len(skipped), skipped[:10])
+    if client is None:  # checked everything above before starting a cluster
+        from popdask.cluster import get_client
+
+        with get_client(cluster) as c:
+            return export(path, out, layers, storage_options=so, out_options=oo, client=c,
+                          collection_id=collection_id, progress=progress)  # fmt: skip
     version = stacout.product_version(attrs)
     fs, root = resolve(out, "", oo)
     root = root.rstrip("/")
@@ -197,19 +196,7 @@ def export(
         path, so, out, oo, grid.resolution, tuple(picked),
         _tags([x.name for x in picked], attrs, version), common, archive, archive_layers,
     )  # fmt: skip
-    totals = {x.name: cog.LayerTotals() for x in picked}
-    done, failed = set(), {}
-    for r in map_tiles(
-        client, tiles, lambda t: (cog.export_tile, (job, t), {}), desc="export",
-        progress=progress, per_task=None,
-    ):  # fmt: skip
-        if not r.ok:
-            failed[r.tile.id] = "".join(traceback.format_exception_only(r.error)).strip()
-            log.error("export: tile %s failed: %s", r.tile.id, failed[r.tile.id])
-            continue
-        done.add(r.tile.id)
-        for name, s in r.value["layers"].items():
-            totals[name].add(r.tile.id, s)
+    totals, done, failed = _run(client, job, tiles, progress)
     written = [t for t in tiles if t.id in done]
     for x in picked:
         put(fs, f"{root}/{x.name}.vrt", cog.vrt_xml(grid, written, x).encode())
@@ -231,6 +218,25 @@ def export(
     )  # fmt: skip
     _check(result)
     return result
+
+
+def _run(client, job: cog.TileJob, tiles: list[Tile], progress: bool):
+    """Every tile's task through map_tiles (with ``client`` as the current one); returns
+    each layer's totals, the tiles done and the errors of those that failed."""
+    totals = {x.name: cog.LayerTotals() for x in job.layers}
+    done, failed = set(), {}
+    with client.as_current():
+        results = map_tiles(client, tiles, lambda t: (cog.export_tile, (job, t), {}),
+                            desc="export", progress=progress, per_task=None)  # fmt: skip
+        for r in results:
+            if not r.ok:
+                failed[r.tile.id] = "".join(traceback.format_exception_only(r.error)).strip()
+                log.error("export: tile %s failed: %s", r.tile.id, failed[r.tile.id])
+                continue
+            done.add(r.tile.id)
+            for name, s in r.value["layers"].items():
+                totals[name].add(r.tile.id, s)
+    return totals, done, failed
 
 
 def _kept_predecessor(previous: dict[str, Any] | None, version: str) -> str | None:
