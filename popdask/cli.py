@@ -252,11 +252,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a store as COGs, VRTs and a STAC collection (popdask.exporter)."""
+    from popdask.config import ClusterConfig
     from popdask.exporter import export
 
     layers = [x.strip() for x in args.layers.split(",")] if args.layers else None
     so, oo = json.loads(args.storage_options), json.loads(args.out_storage_options)
-    r = export(args.store, args.out, layers, storage_options=so, out_options=oo, progress=True)
+    cluster = ClusterConfig(kind="address", address=args.scheduler) if args.scheduler else None
+    r = export(args.store, args.out, layers, storage_options=so, out_options=oo, cluster=cluster)
     print(
         f"popdask export: {args.out}: version {r.version}, {len(r.tiles)} tiles, {r.seconds:.1f} s"
     )
@@ -353,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--layers", default=None, help="comma-separated (default: population,density)")
     x.add_argument("--storage-options", default="{}", help="JSON fsspec options of the store")
     x.add_argument("--out-storage-options", default="{}", help="JSON fsspec options of OUT")
+    x.add_argument("--scheduler", default=None, help="dask scheduler address (default: local)")
     x.set_defaults(func=cmd_export)
     return p
 

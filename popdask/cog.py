@@ -344,11 +344,14 @@ def _nodata_text(nodata: float | int) -> str:
     return "nan" if isinstance(nodata, float) and np.isnan(nodata) else repr(nodata)
 
 
-def vrt_xml(grid: Grid, tiles: Sequence[Tile], layer: Layer) -> str:
+def vrt_xml(
+    grid: Grid, tiles: Sequence[Tile], layer: Layer, tags: Mapping[str, str] | None = None
+) -> str:
     """The VRT mosaic of ``layer``'s tiles: the region's grid, one source per tile at the
-    relative path ``{layer base name}/{tile id}.tif`` (the VRT sits beside that folder), and
-    the overview factors every tile has as virtual overviews (read from the tiles' own).
-    Pure: the tiles' sizes and offsets come from the grid, no file is opened."""
+    relative path ``{layer base name}/{tile id}.tif`` (the VRT sits beside that folder), the
+    overview factors every tile has as virtual overviews (read from the tiles' own) and
+    ``tags`` as its metadata. Pure: the tiles' sizes and offsets come from the grid, no file
+    is opened."""
     from pyproj import CRS as ProjCRS
 
     ny, nx = grid.shape
@@ -360,6 +363,10 @@ def vrt_xml(grid: Grid, tiles: Sequence[Tile], layer: Layer) -> str:
         f"  <SRS>{escape(ProjCRS.from_user_input(CRS).to_wkt())}</SRS>",
         f"  <GeoTransform>{gt}</GeoTransform>",
     ]
+    if tags:
+        lines.append("  <Metadata>")
+        lines += [f'    <MDI key="{escape(k)}">{escape(str(v))}</MDI>' for k, v in tags.items()]
+        lines.append("  </Metadata>")
     shared = min((overview_factors(t.shape) for t in tiles), key=len, default=[])
     if shared:
         factors = " ".join(map(str, shared))

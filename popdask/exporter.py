@@ -90,7 +90,7 @@ def _archive_previous(fs, root: str, previous: dict[str, Any], version: str) -> 
     return layers
 
 
-def _layer_doc(layer: cog.Layer, totals: cog.LayerTotals) -> dict[str, Any]:
+def _layer_doc(layer: cog.Layer, totals: cog.LayerTotals, resolution: float) -> dict[str, Any]:
     doc = {
         "array": layer.array,
         "kind": layer.kind,
@@ -103,7 +103,9 @@ def _layer_doc(layer: cog.Layer, totals: cog.LayerTotals) -> dict[str, Any]:
     }
     doc.pop("cog_invalid")
     if layer.kind == "count":
-        doc["overview_semantics"] = "overview value x (overview pixel area / 400 m2) = persons"
+        doc["overview_semantics"] = (
+            f"overview value x (overview pixel area / {resolution * resolution:g} m2) = persons"
+        )
     return doc
 
 
@@ -165,19 +167,8 @@ def export(
     """
     t0 = time.perf_counter()
     so, oo = dict(storage_options or {}), dict(out_options or {})
-    attrs = store.root_attrs(path, so)
-    if "popdask" not in attrs:
-        raise cog.ExportError(f"{path} is not a popdask store (no popdask attributes)")
-    grid = grid_of(attrs)
-    picked = cog.pick_layers(cog.store_layers(path, so), layers)
-    tiles, skipped = _complete(path, grid, so)
-    if not tiles:
-        raise cog.ExportError(
-            f"{path} has no complete tile to export; finish the run first (popdask status)"
-        )
-    if skipped:
-        log.warning("export: %d incomplete tiles skipped: %s", len(skipped), skipped[:10])
-    if client is None:  # checked everything above before starting a cluster
+    attrs, grid, picked, tiles, skipped = _inputs(path, so, layers)
+    if client is None:  # the inputs are checked before a cluster is started
         from popdask.cluster import get_client
 
         with get_client(cluster) as c:
@@ -199,15 +190,14 @@ def export(
     totals, done, failed = _run(client, job, tiles, progress)
     written = [t for t in tiles if t.id in done]
     for x in picked:
-        put(fs, f"{root}/{x.name}.vrt", cog.vrt_xml(grid, written, x).encode())
-    layer_docs = {x.name: _layer_doc(x, totals[x.name]) for x in picked}
+        put(fs, f"{root}/{x.name}.vrt", cog.vrt_xml(grid, written, x, job.tags).encode())
     doc = stacout.collection(
         collection_id=collection_id,
         common=common,
         attrs=attrs,
         region_bounds=grid.bounds,
         tile_ids=[t.id for t in written],
-        layers=layer_docs,
+        layers={x.name: _layer_doc(x, totals[x.name], grid.resolution) for x in picked},
         store_href=_store_href(path, out),
         predecessor=archive or _kept_predecessor(previous, version),
     )
@@ -218,6 +208,24 @@ def export(
     )  # fmt: skip
     _check(result)
     return result
+
+
+def _inputs(path: str, so: dict, layers: Iterable[str] | None):
+    """The store's attributes, grid, the layers asked for, its complete tiles and the ids
+    of the others; raises when there is nothing to export."""
+    attrs = store.root_attrs(path, so)
+    if "popdask" not in attrs:
+        raise cog.ExportError(f"{path} is not a popdask store (no popdask attributes)")
+    grid = grid_of(attrs)
+    picked = cog.pick_layers(cog.store_layers(path, so), layers)
+    tiles, skipped = _complete(path, grid, so)
+    if not tiles:
+        raise cog.ExportError(
+            f"{path} has no complete tile to export; finish the run first (popdask status)"
+        )
+    if skipped:
+        log.warning("export: %d incomplete tiles skipped: %s", len(skipped), skipped[:10])
+    return attrs, grid, picked, tiles, skipped
 
 
 def _run(client, job: cog.TileJob, tiles: list[Tile], progress: bool):

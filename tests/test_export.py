@@ -248,7 +248,8 @@ def test_vrt_reads_as_the_store_with_nodata_where_a_tile_is_missing(small, expor
         assert (ds.width, ds.height) == grid.shape[::-1] and ds.crs.to_epsg() == 3035
         assert ds.transform == grid.transform
         got = ds.read(1)
-        assert ds.overviews(1) == [2]
+        assert ds.overviews(1) == [2] and ds.tags()["product_version"] == "2026-11"
+        assert ds.units == ("persons per pixel",)
     want = values["population"].copy()
     want[missing.ys, missing.xs] = np.nan
     np.testing.assert_array_equal(got, want)
@@ -331,7 +332,7 @@ def test_a_rebuild_adds_its_items_as_a_new_version(small, client, tmp_path, grid
     assert href.read_bytes() == old  # the first version's file, as it was
     assert (out / "population" / f"{first.tiles[0]}.tif").read_bytes() != old  # new tags
     with rasterio.open(kept / "population.vrt") as ds:
-        assert ds.tags().get("product_version") is None and ds.read(1).shape == grid.shape
+        assert ds.tags()["product_version"] == "2026-11" and ds.read(1).shape == grid.shape
 
 
 # --------------------------------------------------------------------------------------
@@ -416,3 +417,42 @@ def test_demo_export_figures(clean_run, client, tmp_path):
         f"tile overview gap {r.layers['population']['overview_gap']:.2e}, {len(docs)} items "
         f"+ collection valid, {seconds:.2f} s, {size / 1e6:.3f} MB"
     )
+
+
+def test_the_command_exports_and_says_what_it_wrote(small, dask_cluster, tmp_path, capsys):
+    path, _values = small
+    out = tmp_path / "cli"
+    argv = ["export", path, str(out), "--layers", "population", "--scheduler", dask_cluster]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "version 2026-11, 5 tiles" in text and "1 incomplete tiles not exported" in text
+    assert sorted(p.name for p in out.iterdir()) == [
+        "collection.json", "items", "population", "population.vrt"
+    ]  # fmt: skip
+    assert len(list((out / "population").glob("*.tif"))) == 5
+
+
+def test_the_collection_says_what_made_the_product_and_no_secret(exported):
+    out, result = exported
+    doc = json.loads((out / "collection.json").read_text())
+    assert doc["popdask:software_version"] == popdask.__version__
+    assert doc["popdask:sources"] == {"sentinel2": "2021-06-01/2022-10-31"}
+    assert doc["popdask:config"]["output_version"] == "2026-11"
+    assert "storage_options" not in json.dumps(doc["popdask:config"])
+    layer = doc["popdask:layers"]["population"]
+    assert layer["overview_resampling"] == "average" and "400 m2" in layer["overview_semantics"]
+    assert layer["sum"] == pytest.approx(result.layers["population"]["sum"])
+    assert doc["popdask:layers"]["cluster"]["overview_resampling"] == "mode"
+    store_link = next(x for x in doc["links"] if x["rel"] == "derived_from")
+    assert (out / store_link["href"] / ".zattrs").exists()  # relative, beside the export
+
+
+def test_export_quicklook_draws_the_vrt_overviews(exported, tmp_path):
+    from matplotlib.image import imread
+
+    from popdask.plot import export_quicklook
+
+    out, _ = exported
+    png = export_quicklook(out, tmp_path / "q.png", layers=["population", "cluster"], max_px=60)
+    h, w, _ = imread(png).shape
+    assert w > h > 100  # two panels side by side
