@@ -263,7 +263,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"popdask export: {args.out}: version {r.version}, {len(r.tiles)} tiles, {r.seconds:.1f} s"
     )
     for name, s in r.layers.items():
-        print(f"  {name}: {s['files']} COGs, {s['bytes'] / 1e6:.2f} MB, sum {s['sum']:.6g}")
+        total = f", sum {s['sum']:.6g}" if "overview_gap" in s else ""  # a count layer
+        print(f"  {name}: {s['files']} COGs, {s['bytes'] / 1e6:.2f} MB{total}")
     if r.skipped:
         print(f"  {len(r.skipped)} incomplete tiles not exported: {', '.join(r.skipped[:10])}")
     return 0

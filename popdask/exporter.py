@@ -46,11 +46,15 @@ def grid_of(attrs: Mapping[str, Any]) -> Grid:
     return Grid(tuple(g["bounds"]), resolution=g["resolution"], cell=g["cell"], tile=g["tile"])
 
 
-def _store_href(path: str, out: str) -> str:
-    """How the collection points at the store: a relative path when both are local, else
-    the URL without any user or password."""
-    if "://" not in str(path) and "://" not in str(out):
+def _store_href(path: str, out: str) -> str | None:
+    """How the collection points at the store: a relative path when both are local, the
+    URL without any user or password when the store is remote, else (a local store, a
+    remote export) not at all."""
+    local_store, local_out = "://" not in str(path), "://" not in str(out)
+    if local_store and local_out:
         return os.path.relpath(os.path.abspath(path), os.path.abspath(out))
+    if local_store:
+        return None
     parts = urlsplit(str(path))
     return urlunsplit(parts._replace(netloc=parts.hostname or "", query="", fragment=""))
 

@@ -510,11 +510,12 @@ def export_quicklook(
     dpi: int = 110,
 ) -> Path:
     """Draw an export's VRT mosaics (:mod:`popdask.exporter`) as they read, one panel a
-    layer, at a decimation that keeps each panel within ``max_px`` pixels (GDAL reads the
-    COGs' overviews; ``average`` resampling).
+    layer, decimated by the smallest power of two that keeps each panel within ``max_px``
+    pixels (GDAL reads the COGs' overviews; ``average`` resampling).
 
-    A count layer is drawn as persons per displayed pixel: its average × the decimation²,
-    which is how its overviews sum (the panel's total is the layer's). Returns ``path``.
+    A count layer is drawn as persons per displayed pixel: its average × the displayed
+    pixel's area over the base pixel's, which is how its overviews sum (the panel's total is
+    the layer's). Returns ``path``.
     """
     import rasterio
     from rasterio.enums import Resampling
@@ -523,14 +524,15 @@ def export_quicklook(
     FigureCanvasAgg(fig)
     for ax, name in zip(fig.subplots(1, len(layers), squeeze=False)[0], layers, strict=True):
         with rasterio.open(Path(out) / f"{name}.vrt") as ds:
-            f = max(1, math.ceil(max(ds.width, ds.height) / max_px))
+            f = 2 ** max(0, math.ceil(math.log2(max(ds.width, ds.height) / max_px)))
             shape = (math.ceil(ds.height / f), math.ceil(ds.width / f))
+            area = (ds.height / shape[0]) * (ds.width / shape[1])  # f² when f divides
             v = ds.read(1, out_shape=shape, resampling=Resampling.average, masked=True)
             v = np.ma.filled(v.astype(float), np.nan)
             b, unit, version = ds.bounds, ds.units[0] or "", ds.tags().get("product_version")
         extent = [b.left / 1e3, b.right / 1e3, b.bottom / 1e3, b.top / 1e3]
         if name.split("/")[0] in ("population", "population_by"):
-            v, res = v * f * f, ds.res[0] * f
+            v, res = v * area, ds.res[0] * f
             unit, title = f"persons per {res:g} m pixel", f"{name} (total {np.nansum(v):,.0f})"
         else:
             title = name

@@ -378,6 +378,7 @@ def test_export_to_an_object_store(small, client, tmp_path):
                 client.run(reset_env, old, workers=[worker])
     assert len([x for x in doc["links"] if x["rel"] == "item"]) == len(r.tiles)
     assert "secret" not in json.dumps(doc) and "popdask-test" not in json.dumps(doc)
+    assert not [x for x in doc["links"] if x["rel"] == "derived_from"]  # a local store
     with MemoryFile(data) as mem:
         assert cog_validate(mem.name, strict=True, quiet=True)[0]
         with mem.open() as ds:
