@@ -21,6 +21,7 @@ from popdask import __version__, cog, stacout, store
 from popdask.chunkio import put, resolve
 from popdask.grid import Grid, Tile
 from popdask.scheduler import map_tiles
+from popdask.secrets import refuse_storage_secrets
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,8 @@ def export(
     Raises
     ------
     ValueError
-        An unknown layer (the message lists the store's).
+        An unknown layer (the message lists the store's), or a credential in the storage
+        options (:class:`popdask.secrets.SecretInConfigError`).
     popdask.cog.ExportError
         Not a popdask store, no complete tile, or tiles whose export failed (the others are
         written; a rerun writes them again).
@@ -171,6 +173,8 @@ def export(
     """
     t0 = time.perf_counter()
     so, oo = dict(storage_options or {}), dict(out_options or {})
+    refuse_storage_secrets(so, "storage_options")  # they would ride in every task
+    refuse_storage_secrets(oo, "out_options")
     attrs, grid, picked, tiles, skipped = _inputs(path, so, layers)
     if client is None:  # the inputs are checked before a cluster is started
         from popdask.cluster import get_client

@@ -200,6 +200,14 @@ def test_layers_are_listed_and_an_unknown_one_is_refused(small, tmp_path, capsys
     assert not (tmp_path / "x").exists()
 
 
+def test_credentials_in_the_storage_options_are_refused(small, tmp_path):
+    from popdask.secrets import SecretInConfigError
+
+    path, _ = small
+    with pytest.raises(SecretInConfigError, match=r"out_options.secret: set AWS_SECRET_ACCESS"):
+        popdask.export(path, "s3://b/x", out_options={"key": "AKIA", "secret": "shh"})
+
+
 def test_every_cog_validates_and_holds_the_store_values(small, exported, grid):
     _path, values = small
     out, result = exported
