@@ -252,15 +252,18 @@ def check_cog(data: bytes, layer: Layer) -> dict[str, Any]:
             out: dict[str, Any] = {"cog_valid": bool(valid), "cog_errors": errors + warnings}
             out["stats"] = band_stats(values, layer.nodata)
             if layer.kind == "count":
-                total = out["stats"]["sum"]
-                gaps = [
-                    abs(overview_sum(ds.read(1, out_shape=(ds.height // f, ds.width // f)),
-                                     f, layer.nodata) - total) / max(abs(total), 1e-12)
-                    for f in factors
-                ]  # fmt: skip
                 out["overview_factors"] = list(factors)
-                out["overview_gap"] = max(gaps, default=0.0)
+                out["overview_gap"] = _overview_gap(ds, out["stats"]["sum"], layer.nodata)
     return out
+
+
+def _overview_gap(ds, total: float, nodata: float | int) -> float:
+    """The largest relative gap between an overview's persons and the band's ``total``."""
+    gaps = []
+    for f in ds.overviews(1):
+        ov = ds.read(1, out_shape=(ds.height // f, ds.width // f))
+        gaps.append(abs(overview_sum(ov, f, nodata) - total) / max(abs(total), 1e-12))
+    return max(gaps, default=0.0)
 
 
 # --------------------------------------------------------------------------------------
