@@ -293,10 +293,11 @@ def read_layer(job: TileJob, layer: Layer, tile: Tile) -> np.ndarray:
     return arr.read((layer.index, tile.ys, tile.xs))
 
 
-def archive_tile(job: TileJob, tile_id: str) -> None:
+def archive_tile(job: TileJob, tile_id: str, *, move: bool = False) -> None:
     """Copy the tile's files of the previous version to ``versions/{version}/`` (its item
     and its COGs, at the same relative paths, so the item's links still resolve). Only while
-    its item is still of that version: a rerun never archives this version's files."""
+    its item is still of that version: a rerun never archives this version's files. ``move``
+    then deletes them (a tile this version does not export)."""
     from popdask import stacout
 
     fs, root = resolve(job.out, "", job.out_options)
@@ -308,6 +309,10 @@ def archive_tile(job: TileJob, tile_id: str) -> None:
     for key in keys:  # the item last: an archived item names only archived files
         if fs.exists(f"{root}/{key}"):
             put(fs, f"{root}/{stacout.VERSIONS}/{job.archive}/{key}", fs.cat_file(f"{root}/{key}"))
+    if move:
+        for key in reversed(keys):  # the item first: no item names a deleted file
+            if fs.exists(f"{root}/{key}"):
+                fs.rm(f"{root}/{key}")
 
 
 def export_tile(job: TileJob, tile: Tile) -> dict[str, Any]:

@@ -196,6 +196,8 @@ def export(
         _tags([x.name for x in picked], attrs, version), common, archive, archive_layers,
     )  # fmt: skip
     totals, done, failed = _run(client, job, tiles, progress)
+    if archive:
+        _archive_dropped(client, job, grid, previous, done)
     written = [t for t in tiles if t.id in done]
     for x in picked:
         put(fs, f"{root}/{x.name}.vrt", cog.vrt_xml(grid, written, x, job.tags).encode())
@@ -253,6 +255,21 @@ def _run(client, job: cog.TileJob, tiles: list[Tile], progress: bool):
             for name, s in r.value["layers"].items():
                 totals[name].add(r.tile.id, s)
     return totals, done, failed
+
+
+def _archive_dropped(client, job: cog.TileJob, grid: Grid, previous: dict, done: set) -> None:
+    """Move the previous version's tiles that this one does not export to its folder, so
+    its collection's links all resolve and the top holds this version only."""
+    by_id = {t.id: t for t in grid.tiles()}
+    listed = [x["href"].rsplit("/", 1)[-1].removesuffix(".json") for x in previous["links"]
+              if x["rel"] == "item"]  # fmt: skip
+    dropped = [by_id[i] for i in listed if i in by_id and i not in done]
+    with client.as_current():
+        build = lambda t: (cog.archive_tile, (job, t.id), {"move": True})  # noqa: E731
+        for r in map_tiles(client, dropped, build, desc="archive", per_task=None):
+            if not r.ok:
+                log.error("export: could not keep tile %s of version %s: %s", r.tile.id,
+                          job.archive, r.error)  # fmt: skip
 
 
 def _kept_predecessor(previous: dict[str, Any] | None, version: str) -> str | None:

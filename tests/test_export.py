@@ -314,12 +314,18 @@ def test_a_rebuild_adds_its_items_as_a_new_version(small, client, tmp_path, grid
     first = popdask.export(path, str(out), ["population"], client=client)
     old = (out / "population" / f"{first.tiles[0]}.tif").read_bytes()
     attrs = store.root_attrs(path)
+    dropped = grid.find_tile((1, 2))  # the rebuild leaves this tile out (not complete)
     try:
         store.update_attrs(path, {"config": {**attrs["config"], "output": {"version": "2027-05"}}})
+        store.set_status(path, [dropped], store.MISSING)
         second = popdask.export(path, str(out), ["population"], client=client)
         again = popdask.export(path, str(out), ["population"], client=client)  # a rerun
     finally:
         store.update_attrs(path, {"config": attrs["config"]})
+        store.set_status(path, [dropped], store.COMPLETE)
+    assert dropped.id in first.tiles and dropped.id not in second.tiles
+    assert not (out / "items" / f"{dropped.id}.json").exists()
+    assert not (out / "population" / f"{dropped.id}.tif").exists()
     assert (first.version, second.version, second.archived) == ("2026-11", "2027-05", "2026-11")
     assert again.archived is None
     top = json.loads((out / "collection.json").read_text())
@@ -334,6 +340,8 @@ def test_a_rebuild_adds_its_items_as_a_new_version(small, client, tmp_path, grid
         col = pystac.Collection.from_file(str(kept / "collection.json"))
         items = list(col.get_items())
     assert {i.properties["version"] for i in items} == {"2026-11"}
+    assert sorted(i.id for i in items) == sorted(first.tiles)  # the dropped tile's too
+    assert all(Path(i.assets["population"].get_absolute_href()).exists() for i in items)
     item = next(i for i in items if i.id == first.tiles[0])
     href = Path(item.assets["population"].get_absolute_href())
     assert href == kept / "population" / f"{first.tiles[0]}.tif"
