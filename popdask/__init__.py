@@ -6,6 +6,7 @@ The public entry points:
 - :func:`popdask.config.load_config` — read and validate a YAML run configuration;
 - :func:`popdask.regression.fit_densities` — persons per cluster from cell fractions;
 - :func:`popdask.synthetic.make_demo_region` — the generated demo region;
+- :func:`popdask.export` — a store as COGs, VRTs and STAC (:mod:`popdask.exporter`);
 - the ``popdask`` command (:mod:`popdask.cli`).
 """
 
@@ -16,4 +17,12 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "export"]
+
+
+def __getattr__(name: str):
+    if name == "export":  # imported on first use: rasterio and pystac are not light
+        from popdask.exporter import export
+
+        return export
+    raise AttributeError(f"module 'popdask' has no attribute {name!r}")

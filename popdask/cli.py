@@ -1,4 +1,4 @@
-"""The ``popdask`` command: ``demo``, ``run``, ``plan``, ``status``, ``evaluate``."""
+"""The ``popdask`` command: ``demo``, ``run``, ``plan``, ``status``, ``evaluate``, ``export``."""
 
 from __future__ import annotations
 
@@ -250,6 +250,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a store as COGs, VRTs and a STAC collection (popdask.exporter)."""
+    from popdask.config import ClusterConfig
+    from popdask.exporter import export
+
+    layers = [x.strip() for x in args.layers.split(",")] if args.layers else None
+    so, oo = json.loads(args.storage_options), json.loads(args.out_storage_options)
+    cluster = ClusterConfig(kind="address", address=args.scheduler) if args.scheduler else None
+    r = export(args.store, args.out, layers, storage_options=so, out_options=oo, cluster=cluster)
+    print(
+        f"popdask export: {args.out}: version {r.version}, {len(r.tiles)} tiles, {r.seconds:.1f} s"
+    )
+    for name, s in r.layers.items():
+        total = f", sum {s['sum']:.6g}" if "overview_gap" in s else ""  # a count layer
+        print(f"  {name}: {s['files']} COGs, {s['bytes'] / 1e6:.2f} MB{total}")
+    if r.skipped:
+        print(f"  {len(r.skipped)} incomplete tiles not exported: {', '.join(r.skipped[:10])}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="popdask", description=__doc__)
     p.add_argument("--version", action="version", version=f"popdask {__version__}")
@@ -329,6 +349,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--block", type=float, default=5000.0, help="CV block side in metres (default: 5000)"
     )
     e.set_defaults(func=cmd_evaluate)
+
+    x = sub.add_parser("export", help="a store as COGs per tile and layer, VRTs and STAC")
+    x.add_argument("store", help="path or URL of the output Zarr store")
+    x.add_argument("out", help="export folder (path or URL)")
+    x.add_argument("--layers", default=None, help="comma-separated (default: population,density)")
+    x.add_argument("--storage-options", default="{}", help="JSON fsspec options of the store")
+    x.add_argument("--out-storage-options", default="{}", help="JSON fsspec options of OUT")
+    x.add_argument("--scheduler", default=None, help="dask scheduler address (default: local)")
+    x.set_defaults(func=cmd_export)
     return p
 
 

@@ -26,7 +26,7 @@ from matplotlib.colors import SymLogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["Window", "choose_windows", "quicklook", "r_squared", "scatter"]
+__all__ = ["Window", "choose_windows", "export_quicklook", "quicklook", "r_squared", "scatter"]
 
 #: A window: (xmin, ymin, xmax, ymax) in metres of the dataset's CRS (EPSG:3035).
 Window = tuple[float, float, float, float]
@@ -498,3 +498,52 @@ def scatter(
     finally:
         fig.clear()
     return path
+
+
+# --------------------------------------------------------------------------- export
+def export_quicklook(
+    out: str | Path,
+    path: str | Path,
+    *,
+    layers: Sequence[str] = ("population", "density"),
+    max_px: int = 600,
+    dpi: int = 110,
+) -> Path:
+    """Draw an export's VRT mosaics (:mod:`popdask.exporter`) as they read, one panel a
+    layer, decimated by the smallest power of two that keeps each panel within ``max_px``
+    pixels (GDAL reads the COGs' overviews; ``average`` resampling).
+
+    A count layer is drawn as persons per displayed pixel: its average × the displayed
+    pixel's area over the base pixel's, which is how its overviews sum (the panel's total is
+    the layer's). Returns ``path``.
+    """
+    import rasterio
+    from rasterio.enums import Resampling
+
+    fig = Figure(figsize=(5.2 * len(layers), 4.6), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    for ax, name in zip(fig.subplots(1, len(layers), squeeze=False)[0], layers, strict=True):
+        with rasterio.open(Path(out) / f"{name}.vrt") as ds:
+            f = 2 ** max(0, math.ceil(math.log2(max(ds.width, ds.height) / max_px)))
+            shape = (math.ceil(ds.height / f), math.ceil(ds.width / f))
+            area = (ds.height / shape[0]) * (ds.width / shape[1])  # f² when f divides
+            v = ds.read(1, out_shape=shape, resampling=Resampling.average, masked=True)
+            v = np.ma.filled(v.astype(float), np.nan)
+            b, unit, version = ds.bounds, ds.units[0] or "", ds.tags().get("product_version")
+        extent = [b.left / 1e3, b.right / 1e3, b.bottom / 1e3, b.top / 1e3]
+        if name.split("/")[0] in ("population", "population_by"):
+            v, res = v * area, ds.res[0] * f
+            unit, title = f"persons per {res:g} m pixel", f"{name} (total {np.nansum(v):,.0f})"
+        else:
+            title = name
+        vmax = _robust_max(v, 99.9)
+        norm = SymLogNorm(linthresh=max(vmax / 300, 1e-3), vmin=0.0, vmax=vmax, base=10)
+        cmap = _cmap("magma" if "population" in name else "viridis")
+        im = ax.imshow(np.ma.masked_invalid(v), extent=extent, cmap=cmap, norm=norm,
+                       interpolation="nearest")  # fmt: skip
+        fig.colorbar(im, ax=ax, shrink=0.85, label=unit)
+        ax.set_title(f"{title}\n{name}.vrt, 1/{f} decimation, version {version}", fontsize=9)
+        ax.set_xlabel("x (km, EPSG:3035)")
+        ax.set_ylabel("y (km)")
+    fig.savefig(path, dpi=dpi, format="png")
+    return Path(path)
