@@ -441,7 +441,8 @@ def test_object_store_faults_during_the_passes_are_retried_or_fail_their_tile_an
         tmp_path, url=pgstac_api, census=demo_region.census, address=dask_cluster
     )
     sets = [f"output.path={url}", f"output.storage_options={json.dumps(so)}"]
-    argv = ["run", str(cfg_path), *(x for s in sets for x in ("--set", s))]
+    argv = ["run", str(cfg_path), "--report-dir", str(tmp_path)]
+    argv += [x for s in sets for x in ("--set", s)]
     try:
         assert cli.main(argv) == 1
         err = capsys.readouterr().err
