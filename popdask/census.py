@@ -519,14 +519,21 @@ class CensusTable:
     flag_column: str | None
     ids: tuple[str, ...]  # ("GRD_ID",) or ("X_LLC", "Y_LLC"), as the file spells them
     layer: str | None = None  # a GeoPackage's table
+    variables: tuple[str, ...] = ()  # other columns mapped (census.columns)
 
     @property
     def columns(self) -> list[str]:
         flag = [self.flag_column] if self.flag_column else []
-        return list(dict.fromkeys([*self.ids, self.column, *flag]))
+        return list(dict.fromkeys([*self.ids, self.column, *self.variables, *flag]))
 
 
-def open_table(path: Path, name: str, column: str, flag_column: str | None) -> CensusTable:
+def open_table(
+    path: Path,
+    name: str,
+    column: str,
+    flag_column: str | None,
+    variables: Sequence[str] = (),
+) -> CensusTable:
     """Check a census file's header (format, CRS, cell ids, columns) without reading rows."""
     if not path.is_file():
         raise CensusError(f"{name}: census file not found; set census.path to a GISCO grid file")
@@ -537,10 +544,16 @@ def open_table(path: Path, name: str, column: str, flag_column: str | None) -> C
     except Exception as e:  # unreadable file: say which and why
         raise CensusError(f"{name}: cannot read the census table ({e})") from e
     upper = {c.upper(): c for c in header}
+    data = [c for c in header if c.upper() not in ("GRD_ID", "X_LLC", "Y_LLC")]
     if column not in header:
         raise CensusError(
-            f"{name}: no population column {column!r}; set census.column to one of "
-            f"{[c for c in header if c.upper() not in ('GRD_ID', 'X_LLC', 'Y_LLC')][:12]}"
+            f"{name}: no population column {column!r}; set census.column to one of {data[:12]}"
+        )
+    missing = [v for v in variables if v not in header]
+    if missing:
+        raise CensusError(
+            f"{name}: no column {missing[0]!r} to map; census.columns must name columns of "
+            f"the file, e.g. {data[:14]}"
         )
     if flag_column is not None and flag_column not in header:
         raise CensusError(
@@ -557,7 +570,7 @@ def open_table(path: Path, name: str, column: str, flag_column: str | None) -> C
         raise CensusError(
             f"{name}: no cell id; the table needs a GRD_ID column or X_LLC and Y_LLC columns"
         )
-    return CensusTable(path, name, column, flag_column, ids, layer)
+    return CensusTable(path, name, column, flag_column, ids, layer, tuple(variables))
 
 
 def _header(path: Path) -> tuple[list[str], str | None]:
@@ -617,7 +630,9 @@ def iter_cells(
     table: CensusTable, grid: Grid, batch_rows: int = BATCH_ROWS
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]:
     """``(x_llc, y_llc, values, flagged)`` of the table's rows, a batch at a time, each batch
-    checked (CRS and resolution of its cell ids); see :func:`classify_cells`."""
+    checked (CRS and resolution of its cell ids); see :func:`classify_cells`. ``values`` is
+    ``(rows,)`` the population column, or ``(rows, 1 + variables)`` when the table maps
+    other columns too."""
     batches = iter_batches(table, batch_rows)
     while True:
         try:
@@ -627,7 +642,11 @@ def iter_cells(
         except Exception as e:  # unreadable rows: say which file and why
             raise CensusError(f"{table.name}: cannot read the census table ({e})") from e
         x_llc, y_llc = _cell_corners(df, table, grid)
-        values = pd.to_numeric(df[table.column], errors="coerce").to_numpy(np.float64)
+        cols = [table.column, *table.variables]
+        values = np.column_stack(
+            [pd.to_numeric(df[c], errors="coerce").to_numpy(np.float64) for c in cols]
+        )
+        values = values[:, 0] if not table.variables else values
         flagged = None if table.flag_column is None else flag_values(df[table.flag_column])
         yield x_llc, y_llc, values, flagged
 

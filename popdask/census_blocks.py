@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +37,7 @@ from popdask.census import (
     open_table,
 )
 from popdask.grid import EPSG, Grid
+from popdask.variables import reconcile, share_sums
 
 if TYPE_CHECKING:
     from popdask.config import CensusConfig
@@ -45,8 +46,12 @@ log = logging.getLogger(__name__)
 
 #: a block is this many tiles on a side (the store's census chunk: 4,200 files for the EU)
 BLOCK_TILES = 10
-#: a spilled row: the cell's lower-left corner, its value and its confidentiality flag
-ROW = np.dtype([("x", "<i8"), ("y", "<i8"), ("v", "<f8"), ("flag", "?")])
+
+
+def row_dtype(n_values: int) -> np.dtype:
+    """A spilled row: the cell's lower-left corner, its values (the population column, then
+    the mapped variables) and its confidentiality flag."""
+    return np.dtype([("x", "<i8"), ("y", "<i8"), ("v", "<f8", (n_values,)), ("flag", "?")])
 
 
 @dataclass(frozen=True)
@@ -98,17 +103,27 @@ class Staged:
     attrs: dict[str, Any] = field(default_factory=dict)
     sha256: str = ""  # of the blocks' float32 values, block after block
     finite_cells: int = 0  # known or zero by absence: the cells a fit can use
+    variables: list[str] = field(default_factory=list)  # census.columns mapped besides
+    by_attrs: dict[str, Any] = field(default_factory=dict)  # region shares, reconciled cells
 
     def block(self, b: Block) -> np.ndarray:
         """One block's census, float32 (NaN where unknown)."""
         return np.fromfile(self.folder / f"{b.index}.f32", np.float32).reshape(b.shape)
 
-    def write(self, array, *, progress: bool = False) -> None:
-        """Copy every block into ``array`` (the store's ``census``: a chunk per block)."""
+    def block_by(self, b: Block) -> np.ndarray:
+        """One block's mapped variables ``(variable, y_cell, x_cell)``, reconciled."""
+        raw = np.fromfile(self.folder / f"{b.index}.by.f32", np.float32)
+        return raw.reshape(len(self.variables), *b.shape)
+
+    def write(self, array, by_array=None, *, progress: bool = False) -> None:
+        """Copy every block into ``array`` (the store's ``census``: a chunk per block) and,
+        with variables, into ``by_array`` (``census_by``)."""
         from tqdm.auto import tqdm
 
         for b in tqdm(self.blocks, desc="census", unit="block", disable=not progress):
             array[b.ys, b.xs] = self.block(b)
+            if by_array is not None:
+                by_array[:, b.ys, b.xs] = self.block_by(b)
 
     def to_dataarray(self) -> xr.DataArray:
         """The whole region's census as one ``(y_cell, x_cell)`` array (small regions)."""
@@ -134,6 +149,7 @@ def stage(
     absent: Absent = "zero",
     coverage: Callable[[Block], np.ndarray] | None = None,
     flag_column: str | None = None,
+    variables: Sequence[str] = (),
     batch_rows: int = BATCH_ROWS,
 ) -> Iterator[Staged]:
     """Read a GISCO 1 km grid file into blocks of ``grid``'s cells, a batch at a time.
@@ -152,12 +168,13 @@ def stage(
         folder = Path(tmp)
         local = fetch_local(name, storage_options) if "://" in name else Path(path)
         try:
-            table = open_table(local, name, column, flag_column)
+            table = open_table(local, name, column, flag_column, variables)
             _spill(table, grid, folder, batch_rows)
         finally:
             if local != Path(path):
                 local.unlink(missing_ok=True)
-        staged = _classify(grid, folder, coverage, absent=absent, flagged=bool(table.flag_column))
+        staged = Staged(grid, folder, blocks(grid), variables=list(variables))
+        _classify(staged, coverage, absent=absent, flagged=bool(table.flag_column))
         if not staged.attrs["cells_known"]:
             raise CensusError(
                 f"{name}: no known {column} value inside the region {grid.bounds} "
@@ -194,6 +211,7 @@ def stage_from_config(cfg: CensusConfig, grid: Grid) -> Iterator[Staged]:
             absent=cfg.absent,
             coverage=window,
             flag_column=cfg.flag_column,
+            variables=mapped_columns(cfg),
         ) as staged:
             if window is not None and not staged.attrs["cells_covered"]:
                 raise no_coverage_error(cfg.coverage, grid)
@@ -203,20 +221,29 @@ def stage_from_config(cfg: CensusConfig, grid: Grid) -> Iterator[Staged]:
             yield staged
 
 
+def mapped_columns(cfg: CensusConfig) -> list[str]:
+    """The variables mapped besides the population: ``census.columns``, none when it is
+    unset or names the population column alone (the population layer is that one)."""
+    columns = list(cfg.columns or [])
+    return [] if columns in ([], [cfg.column]) else columns
+
+
 def _spill(table, grid: Grid, folder: Path, batch_rows: int) -> None:
     """Append each batch's rows inside the region to its block's file, in file order (a cell
     listed twice keeps its last row, as when the table is read whole)."""
     n, (ny, nx) = block_cells(grid), grid.cell_shape
     xmin, _, _, ymax = grid.bounds
     per_row = -(-nx // n)  # blocks in a row of blocks
+    dtype = row_dtype(1 + len(table.variables))
     for x, y, v, flagged in iter_cells(table, grid, batch_rows):
         col = (np.asarray(x, np.int64) - xmin) // grid.cell
         row = (ymax - grid.cell - np.asarray(y, np.int64)) // grid.cell
         inside = (row >= 0) & (row < ny) & (col >= 0) & (col < nx)
         if not inside.any():
             continue
-        rows = np.empty(int(inside.sum()), ROW)
-        rows["x"], rows["y"], rows["v"] = x[inside], y[inside], v[inside]
+        rows = np.empty(int(inside.sum()), dtype)
+        rows["x"], rows["y"] = x[inside], y[inside]
+        rows["v"] = v[inside].reshape(len(rows), -1)
         rows["flag"] = False if flagged is None else flagged[inside]
         key = (row[inside] // n) * per_row + col[inside] // n
         order = np.argsort(key, kind="stable")
@@ -227,33 +254,40 @@ def _spill(table, grid: Grid, folder: Path, batch_rows: int) -> None:
 
 
 def _classify(
-    grid: Grid,
-    folder: Path,
+    staged: Staged,
     coverage: Callable[[Block], np.ndarray] | None,
     *,
     absent: Absent,
     flagged: bool,
-) -> Staged:
-    """Classify every block from its spilled rows and coverage; keep its raster on disk."""
-    staged = Staged(grid, folder, blocks(grid))
+) -> None:
+    """Classify every block from its spilled rows and coverage; keep its rasters on disk."""
+    folder, names = staged.folder, staged.variables
+    dtype = row_dtype(1 + len(names))
     sha = hashlib.sha256()
     counts = dict.fromkeys(("cells_known", "cells_absent_zero", "cells_unknown"), 0)
-    covered_cells = 0
+    covered_cells, n_scaled = 0, 0
+    num = den = np.zeros(len(names))
     for b in staged.blocks:
         spilled = folder / f"{b.index}.rows"
-        rows = np.fromfile(spilled, ROW) if spilled.exists() else np.empty(0, ROW)
+        rows = np.fromfile(spilled, dtype) if spilled.exists() else np.empty(0, dtype)
         covered = None if coverage is None else coverage(b)
         covered_cells += b.shape[0] * b.shape[1] if covered is None else int(covered.sum())
-        raster, state = classify_cells(
-            rows["x"],
-            rows["y"],
-            rows["v"],
-            b.grid,
-            covered=covered,
-            absent=absent,
-            flagged=rows["flag"] if flagged else None,
-        )
+        kw = dict(covered=covered, absent=absent, flagged=rows["flag"] if flagged else None)
+
+        def cells(j: int, rows=rows, b=b, kw=kw):
+            return classify_cells(rows["x"], rows["y"], rows["v"][:, j], b.grid, **kw)
+
+        raster, state = cells(0)
         raster.tofile(folder / f"{b.index}.f32")
+        if names:
+            by, scaled = reconcile(
+                raster, np.stack([cells(1 + j)[0] for j in range(len(names))]), names
+            )
+            by.tofile(folder / f"{b.index}.by.f32")
+            sha.update(by.tobytes())
+            n_scaled += scaled
+            bn, bd = share_sums(raster, by)
+            num, den = num + bn, den + bd
         spilled.unlink(missing_ok=True)
         sha.update(raster.tobytes())
         for k, v in count_cells(state).items():
@@ -261,7 +295,10 @@ def _classify(
         staged.finite_cells += int((state != UNKNOWN).sum())
     staged.sha256 = sha.hexdigest()
     staged.attrs.update(counts, cells_covered=covered_cells)
-    return staged
+    if names:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            region = np.where(den > 0, num / den, 0.0)
+        staged.by_attrs = {"region_share": [float(v) for v in region], "reconciled": n_scaled}
 
 
 def _log(staged: Staged, absent: str) -> None:

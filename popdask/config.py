@@ -201,7 +201,9 @@ class CensusConfig(_Model):
     is covered when its centre is inside; ``coverage_countries`` keeps the features whose
     ``coverage_property`` is listed), a raster (``.tif``; non-zero, non-nodata cells are
     covered), or a list of these (covered by any). ``flag_column`` marks rows confidential
-    (unknown); by default ``CONFIDENTIALSTATUS`` when the file has it.
+    (unknown); by default ``CONFIDENTIALSTATUS`` when the file has it. ``columns`` lists
+    census variables to map as layers of ``population_by`` (e.g. the Census 2021 grid's
+    ``M, F, Y_LT15, Y_1564, Y_GE65``), each with the population's per-pixel weights.
     """
 
     path: str  # local path or fsspec URL
@@ -212,6 +214,9 @@ class CensusConfig(_Model):
     coverage_countries: list[str] | None = None
     coverage_property: str = "CNTR_ID"
     flag_column: str | None = None
+    #: census variables mapped with the population's weights (store ``population_by``);
+    #: None: the population column alone (popdask.variables)
+    columns: list[str] | None = None
 
     @field_validator("coverage")
     @classmethod

@@ -17,7 +17,7 @@ import yaml
 from popdask.config import Config, config_from_dict
 from popdask.pipeline import RunResult, run
 from popdask.stac_server import StacServer
-from popdask.synthetic import DemoRegion, make_demo_region
+from popdask.synthetic import CENSUS_2021_VARIABLES, DemoRegion, make_demo_region
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,11 @@ def demo_config(
                 "assets": ["avg_rad"],
             },
         },
-        "census": {"path": str(region.census), "column": "TOT_P_2021"},
+        "census": {
+            "path": str(region.census),
+            "column": "TOT_P_2021",
+            "columns": list(CENSUS_2021_VARIABLES),  # each one a layer of population_by
+        },
         "model": {"components": 12, "clusters": 100, "sample_pixels": 200_000, "seed": 0},
         "regression": {"rescale": True},
         "output": {"path": str(out_dir / "popdask-demo.zarr")},

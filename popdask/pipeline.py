@@ -683,6 +683,8 @@ def predict_pass(
         "resolution": grid.resolution,
         "sigma": sigma,
         "rescale": cfg.regression.rescale,
+        # the region's share of each mapped census variable (cells without their own)
+        "shares": store.variable_shares(path, so),
     }
     totals: list[Totals] = [Totals()]
 
@@ -793,6 +795,7 @@ def run_signature(cfg: Config, census_sha256: str) -> dict[str, Any]:
     flat = _flatten(d)
     flat["popdask_version"] = __version__
     flat["census_sha256"] = census_sha256
+    flat["census.columns"] = list(cfg.census.columns or [])
     return flat
 
 

@@ -160,9 +160,15 @@ def grid_signature(grid: Grid, bands: list[str]) -> dict[str, Any]:
 
 
 def template(
-    grid: Grid, bands: list[str], kinds: list[str], census_attrs: Mapping[str, Any]
+    grid: Grid,
+    bands: list[str],
+    kinds: list[str],
+    census_attrs: Mapping[str, Any],
+    variables: Sequence[str] = (),
+    variables_attrs: Mapping[str, Any] | None = None,
 ) -> xr.Dataset:
-    """The lazy dataset whose metadata defines the store (no pixel data computed)."""
+    """The lazy dataset whose metadata defines the store (no pixel data computed); with
+    ``variables`` (census columns mapped), ``census_by`` and ``population_by`` too."""
     ny, nx = grid.shape
     # one dask chunk per variable: only the metadata is written (compute=False), and the
     # Zarr chunks (one per tile) come from the encoding (`chunk_encoding`), so creating a
@@ -236,6 +242,8 @@ def template(
             "band": np.array(bands, dtype=object),
         },
     )
+    if variables:
+        ds = ds.assign(_variable_layers(grid, variables, variables_attrs or {}))
     for c in ("x", "x_cell"):
         ds[c].attrs.update(units="m", standard_name="projection_x_coordinate")
     for c in ("y", "y_cell"):
@@ -251,6 +259,34 @@ def template(
     return ds
 
 
+def _variable_layers(
+    grid: Grid, variables: Sequence[str], attrs: Mapping[str, Any]
+) -> dict[str, xr.DataArray]:
+    """``census_by`` (variable, y_cell, x_cell) and ``population_by`` (variable, y, x)."""
+    n, coord = len(variables), {"variable": np.array(list(variables), dtype=object)}
+    return {
+        "census_by": xr.DataArray(
+            da.full((n, *grid.cell_shape), np.nan, dtype=np.float32, chunks=-1),
+            dims=("variable", "y_cell", "x_cell"),
+            coords=coord,
+            attrs={
+                "units": "persons",
+                "long_name": "census variables used, reconciled with the total (NaN unknown)",
+                **attrs,
+            },
+        ),
+        "population_by": xr.DataArray(
+            da.full((n, *grid.shape), np.nan, dtype=np.float32, chunks=-1),
+            dims=("variable", "y", "x"),
+            coords=coord,
+            attrs={
+                "units": "persons per pixel",
+                "long_name": "estimated persons in each pixel, per census variable",
+            },
+        ),
+    }
+
+
 def chunk_encoding(grid: Grid, n_bands: int) -> dict[str, tuple[int, ...]]:
     """The Zarr chunks of the store's variables: one per tile (a tile's pixels, its cells,
     its own status entries), so that each tile task writes its own chunks only."""
@@ -258,6 +294,7 @@ def chunk_encoding(grid: Grid, n_bands: int) -> dict[str, tuple[int, ...]]:
     return {
         **{v: (t, t) for v in ("population", "density", "cluster")},
         "composite": (1, t, t),
+        "population_by": (1, t, t),
         "predicted": (c, c),
         "tile_status": (1, 1),
         TILE_SCENES: (1, 1),
@@ -309,7 +346,15 @@ def create(
         if old.get(CENSUS_WRITTEN) is False:
             _write_census(path, census, storage_options)
         return False
-    ds = template(grid, bands, kinds, _jsonable(dict(census.attrs)))
+    variables = list(getattr(census, "variables", []))
+    ds = template(
+        grid,
+        bands,
+        kinds,
+        _jsonable(dict(census.attrs)),
+        variables,
+        _jsonable(getattr(census, "by_attrs", {})),
+    )
     meta = {"grid": sig, "signature": dict(signature or {}), CENSUS_WRITTEN: False}
     ds.attrs.update({"popdask": meta, **_jsonable(attrs)})
     encoding = {
@@ -325,8 +370,12 @@ def create(
         # (4,200 for the EU, not 42,000) and a tile task's read small
         "census": {"chunks": tuple(min(block_cells(grid), n) for n in grid.cell_shape)},
     }
+    if variables:
+        encoding["census_by"] = {"chunks": (len(variables), *encoding["census"]["chunks"])}
+        encoding["population_by"] = {"compressors": [FAST_CODEC]}
     for name, chunks in chunk_encoding(grid, len(bands)).items():
-        encoding.setdefault(name, {})["chunks"] = chunks
+        if name in ds:
+            encoding.setdefault(name, {})["chunks"] = chunks
     # one chunk per tile (atomic status updates); unwritten chunks read as 0 = missing
     try:
         with warnings.catch_warnings():
@@ -362,7 +411,8 @@ def _write_census(path: str, census: xr.DataArray | Staged, storage_options) -> 
     if isinstance(census, xr.DataArray):
         array[...] = census.values.astype(np.float32)
     else:
-        census.write(array, progress=len(census.blocks) > 100)
+        by = open_array(path, "census_by", storage_options) if census.variables else None
+        census.write(array, by, progress=len(census.blocks) > 100)
     meta = dict(root_attrs(path, storage_options)["popdask"], **{CENSUS_WRITTEN: True})
     update_attrs(path, {"popdask": meta}, storage_options)
 
@@ -603,6 +653,16 @@ def census_attrs(path: str, storage_options=None) -> dict[str, Any]:
     (``cells_known``, ``cells_absent_zero``, ``cells_unknown``) :func:`create` copied from
     the census DataArray."""
     return dict(open_array(path, "census", storage_options, mode="r").attrs)
+
+
+def variable_shares(path: str, storage_options=None) -> list[float] | None:
+    """The region's share of each mapped census variable (``census_by``'s attribute), or
+    None when the store maps none."""
+    try:
+        attrs = ChunkArray(path, "census_by", storage_options).attrs
+    except KeyError:
+        return None
+    return list(attrs["region_share"])
 
 
 def root_attrs(path: str, storage_options=None) -> dict[str, Any]:

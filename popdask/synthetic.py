@@ -8,7 +8,8 @@ and be scored against a known truth:
   ``items/<id>.ndjson`` — its Items, one JSON object a line (the form ``rustac serve`` takes);
 - ``sentinel-2-l2a/<item id>/<asset>.tif``, ``sentinel-1-rtc/...``, ``viirs-nightlights/...``
   — Cloud-Optimized GeoTIFFs (512/256/128 px tiles, DEFLATE, internal overviews);
-- ``census.csv`` — the 1 km census in GISCO form (``GRD_ID``, ``TOT_P_2021``,
+- ``census.csv`` — the 1 km census in GISCO form (``GRD_ID``, ``TOT_P_2021``, the Census
+  2021 grid's breakdowns ``M``, ``F``, … with their perturbation (`census_variables`),
   ``CONFIDENTIALSTATUS``), populated cells only;
 - ``truth.tif`` — true persons per 20 m pixel (float32, EPSG:3035, exactly the bbox);
 - ``landcover.tif`` — the land-cover class of each 20 m pixel (uint8, `LANDCOVER_CLASSES`).
@@ -101,6 +102,7 @@ __all__ = [
     "Landscape",
     "SkyState",
     "census_table",
+    "census_variables",
     "cloud_field",
     "make_demo_region",
     "make_landscape",
@@ -1445,6 +1447,43 @@ def census_table(
     )
 
 
+#: the Census 2021 grid's variables besides the total, as the demo's census lists them
+CENSUS_2021_VARIABLES = "M F Y_LT15 Y_1564 Y_GE65 EMP NAT EU_OTH OTH SAME CHG_IN CHG_OUT".split()
+
+
+def census_variables(
+    total: np.ndarray, *, rng: np.random.Generator, perturbed: float = 0.3
+) -> pd.DataFrame:
+    """The Census 2021 grid's breakdowns of each cell's total, with its disclosure noise.
+
+    Each breakdown (sex, three age bands, country of birth, residence a year before) splits
+    the cell's ``total`` by a multinomial draw whose shares depend on how crowded the cell is
+    (denser cells: more people of working age and born abroad, fewer of 65+); ``EMP`` is a
+    binomial share of the 15–64. Then, as Eurostat's perturbation does, a share
+    ``perturbed`` of the values moves by ±1–3 persons (never below 0), so a breakdown does
+    not always add up to the total.
+    """
+    total = np.asarray(total, np.int64)
+    n = total.size
+    urban = np.clip(np.log1p(total) / np.log1p(max(total.max(), 1)), 0, 1)  # 0 … 1
+
+    def split(means: np.ndarray) -> np.ndarray:
+        alpha = 60.0 * means  # cell-to-cell spread of the shares
+        p = np.stack([rng.dirichlet(a) for a in alpha])
+        return np.stack([rng.multinomial(t, q) for t, q in zip(total, p, strict=True)])
+
+    ones = np.ones(n)
+    sex = split(np.stack([0.49 * ones, 0.51 * ones], axis=1))
+    age = split(np.stack([0.16 - 0.02 * urban, 0.60 + 0.08 * urban, 0.24 - 0.06 * urban], 1))
+    birth = split(np.stack([0.92 - 0.15 * urban, 0.04 + 0.07 * urban, 0.04 + 0.08 * urban], 1))
+    moved = split(np.stack([0.91 - 0.05 * urban, 0.08 + 0.04 * urban, 0.01 + 0.01 * urban], 1))
+    emp = rng.binomial(age[:, 1], 0.72)[:, None]
+    values = np.concatenate([sex, age, emp, birth, moved], axis=1)
+    noise = rng.integers(1, 4, values.shape) * rng.choice([-1, 1], values.shape)
+    values = np.maximum(values + noise * (rng.random(values.shape) < perturbed), 0)
+    return pd.DataFrame(values, columns=list(CENSUS_2021_VARIABLES))
+
+
 # --------------------------------------------------------------------------------------------
 # Geometry helpers
 # --------------------------------------------------------------------------------------------
@@ -1955,8 +1994,15 @@ def make_demo_region(
         colormap=_LANDCOVER_COLORS,
     )
     census = census_table(truth, bbox, rng=rng_census)
+    # the breakdowns draw from a generator of their own: the rest of the region is as before
+    more = census_variables(
+        census["TOT_P_2021"].to_numpy(), rng=np.random.default_rng([seed, 2021])
+    )
+    census = pd.concat([census.reset_index(drop=True), more], axis=1)
     census_path = root / "census.csv"
-    census[["GRD_ID", "TOT_P_2021", "CONFIDENTIALSTATUS"]].to_csv(census_path, index=False)
+    census[["GRD_ID", "TOT_P_2021", *CENSUS_2021_VARIABLES, "CONFIDENTIALSTATUS"]].to_csv(
+        census_path, index=False
+    )
 
     # ---- Sentinel-2 L2A ----------------------------------------------------------------------
     sched_rng, *date_rngs = rng_s2.spawn(n_s2_dates + 1)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from popdask import catalog, regression, store, terms
+from popdask import catalog, regression, store, terms, variables
 from popdask.cluster import release_memory
 from popdask.config import ReadConfig
 from popdask.grid import Tile
@@ -265,10 +265,13 @@ def predict_tile(
     resolution: float,
     sigma: float,
     rescale: bool,
+    shares: Sequence[float] | None = None,
 ) -> Totals:
     """Read the tile's labels, term layers and census over the window ``ys, xs`` (the
     tile and whole cells around it, at least the smoothing's halo), predict, write the
-    tile; return its totals.
+    tile; return its totals. With ``shares`` (the region's share of each mapped census
+    variable) the tile's ``population_by`` is its population times each cell's share
+    (:mod:`popdask.variables`).
 
     The window holds every cell it touches whole, so each cell's model count (what rescales
     it) is summed from its own pixels: no region-wide table of counts is needed.
@@ -292,8 +295,12 @@ def predict_tile(
         inner=(iy, ix),
         terms=values,
     )
-    store.write_arrays(path, t, res, so)
     own = census[iy.start // cell_px : iy.stop // cell_px, ix.start // cell_px : ix.stop // cell_px]
+    if shares is not None:
+        by = store.read_window(path, "census_by", t.ys_cell, t.xs_cell, so)
+        cell_shares = variables.shares(own, by, np.asarray(shares))
+        res["population_by"] = variables.pixel_layers(res["population"], cell_shares, cell_px)
+    store.write_arrays(path, t, res, so)
     return Totals.of_tile(res["population"], own, cell_px)
 
 

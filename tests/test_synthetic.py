@@ -19,6 +19,7 @@ import rasterio
 
 from popdask import synthetic
 from popdask.synthetic import (
+    CENSUS_2021_VARIABLES,
     LANDCOVER_CLASSES,
     S2_BANDS,
     DemoRegion,
@@ -100,10 +101,17 @@ def test_truth_and_landcover_cover_the_bbox_on_the_3035_grid(region):
 def test_census_cells_are_gisco_cells_summing_the_truth(region):
     truth, _ = read(region.truth)
     census = pd.read_csv(region.census, dtype={"GRD_ID": str})
-    assert list(census.columns) == ["GRD_ID", "TOT_P_2021", "CONFIDENTIALSTATUS"]
+    assert list(census.columns) == [
+        "GRD_ID",
+        "TOT_P_2021",
+        *CENSUS_2021_VARIABLES,
+        "CONFIDENTIALSTATUS",
+    ]
     assert census.notna().all().all()  # nothing written empty: confidential rows are flagged
     listed = {}
-    for grd_id, count, flag in census.itertuples(index=False):
+    for grd_id, count, flag in census[["GRD_ID", "TOT_P_2021", "CONFIDENTIALSTATUS"]].itertuples(
+        index=False
+    ):
         m = re.fullmatch(r"CRS3035RES1000mN(\d+)E(\d+)", grd_id)
         assert m, grd_id
         listed[int(m[2]), int(m[1])] = (count, flag)
