@@ -250,6 +250,15 @@ class CensusConfig(_Model):
         return self
 
 
+class MaskConfig(_Model):
+    """Pixels where nobody can live (:mod:`popdask.mask`): a raster GDAL opens (any CRS; a
+    local path or a URL the workers read) and its ``values`` that mean "nobody lives here"
+    (default: any non-zero value). Applied before the census rescaling."""
+
+    path: str
+    values: list[float] | None = None
+
+
 class ModelConfig(_Model):
     components: int = Field(12, gt=0)
     clusters: int = Field(150, ge=2)
@@ -328,6 +337,7 @@ class Config(_Model):
     stac: StacConfig = StacConfig()
     sources: SourcesConfig
     census: CensusConfig
+    mask: MaskConfig | None = None
     model: ModelConfig = ModelConfig()
     regression: RegressionConfig = RegressionConfig()
     output: OutputConfig
@@ -412,7 +422,7 @@ def config_from_dict(
     except PresetError as e:
         raise ConfigError(f"{name}: {e}") from None
     if base_dir is not None:
-        for section in ("census", "output"):
+        for section in ("census", "output", "mask"):
             sec = data.get(section)
             if isinstance(sec, dict) and isinstance(sec.get("path"), str):
                 p = sec["path"]

@@ -35,6 +35,7 @@ from popdask.census_blocks import stage_from_config
 from popdask.composite import REFLECTANCE
 from popdask.config import Config
 from popdask.grid import Grid, Tile
+from popdask.mask import Mask
 from popdask.model import PixelModel, fit_model
 from popdask.predict import halo_px
 from popdask.reductions import (
@@ -685,6 +686,7 @@ def predict_pass(
         "rescale": cfg.regression.rescale,
         # the region's share of each mapped census variable (cells without their own)
         "shares": store.variable_shares(path, so),
+        "mask": mask_of(cfg, grid),
     }
     totals: list[Totals] = [Totals()]
 
@@ -721,10 +723,18 @@ def region_totals(
     counted = set(counted)
     rest = [t for t in grid.tiles() if t.id not in counted]
 
+    mask = mask_of(cfg, grid)
+
     def task(t: Tile):
-        return tasks.stored_totals, (path, so, t, grid.cell_px), {}
+        return tasks.stored_totals, (path, so, t, grid.cell_px, mask), {}
 
     return totals + sum_totals(v for _, v in _gather(client, cfg, rest, task))
+
+
+def mask_of(cfg: Config, grid: Grid) -> Mask | None:
+    """The run's constraint mask, as its tasks read it (:mod:`popdask.mask`)."""
+    m = cfg.mask
+    return None if m is None else Mask(m.path, None if m.values is None else tuple(m.values), grid)
 
 
 def run_metrics(
@@ -753,6 +763,15 @@ def run_metrics(
     if plain and out["terms"]:
         out["r2_1km_cv_without_terms"] = plain["r2"]
         out["mae_1km_cv_without_terms"] = plain["mae"]
+    if totals.cells_emptied_by_mask:
+        out["cells_emptied_by_mask"] = totals.cells_emptied_by_mask
+        out["people_in_cells_emptied_by_mask"] = totals.people_in_cells_emptied_by_mask
+        log.warning(
+            "the mask leaves no pixel in %d cells with %.0f people in the census: they keep "
+            "them, spread evenly over their pixels",
+            totals.cells_emptied_by_mask,
+            totals.people_in_cells_emptied_by_mask,
+        )
     if out["census_total_known"] > 0:
         out["total_error_known_cells"] = (
             out["population_total_known_cells"] / out["census_total_known"] - 1.0

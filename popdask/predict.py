@@ -55,19 +55,26 @@ def cell_sums(values: np.ndarray, cell_px: int) -> np.ndarray:
     return v.reshape(ny // cell_px, cell_px, nx // cell_px, cell_px).sum(axis=(1, 3))
 
 
-def rescale(population: np.ndarray, census: np.ndarray, cell_px: int) -> np.ndarray:
+def rescale(
+    population: np.ndarray,
+    census: np.ndarray,
+    cell_px: int,
+    allowed: np.ndarray | None = None,
+) -> np.ndarray:
     """Scale each cell's pixels so they sum to its census count (dasymetric redistribution).
 
     Cells with unknown census (NaN) keep the model's values. Cells with people in the
-    census but a zero estimate get their count spread evenly over their pixels, so nobody
-    is lost; cells with a census of 0 become 0.
+    census but a zero estimate get their count spread evenly over their pixels (those
+    ``allowed``, the pixels a constraint mask leaves, when the cell has any), so nobody is
+    lost; cells with a census of 0 become 0.
     """
     pred = cell_sums(population, cell_px)
     census = np.asarray(census, dtype=np.float64)
     if census.shape != pred.shape:
         raise ValueError(f"census {census.shape} does not match the cells {pred.shape}")
     rows, cols = (np.arange(n) // cell_px for n in population.shape)
-    return _rescale(population, census, pred, cell_px, rows, cols)
+    n_ok = None if allowed is None else cell_sums(allowed, cell_px)
+    return _rescale(population, census, pred, cell_px, rows, cols, allowed, n_ok)
 
 
 def _rescale(
@@ -77,18 +84,28 @@ def _rescale(
     cell_px: int,
     rows: np.ndarray,
     cols: np.ndarray,
+    allowed: np.ndarray | None = None,
+    n_ok: np.ndarray | None = None,
 ) -> np.ndarray:
     """`rescale` given each cell's model count ``pred`` and each pixel row's and column's
-    cell index into ``census``/``pred``."""
+    cell index into ``census``/``pred``; with ``allowed`` pixels and their count ``n_ok``
+    per cell, a cell's even spread goes to its allowed pixels when it has any."""
     known = np.isfinite(census)
     with np.errstate(divide="ignore", invalid="ignore"):
         factor = np.where(known & (pred > 0), census / pred, 1.0)
+        spread = known & (pred <= 0) & (census > 0)
+        even = np.where(spread, census / cell_px**2, 0.0)
+        if allowed is not None:
+            even = np.where(spread & (n_ok > 0), census / n_ok, even)
     factor[known & (census <= 0)] = 0.0
-    even = np.where(known & (pred <= 0) & (census > 0), census / cell_px**2, 0.0)
     factor, even = factor.astype(np.float32), even.astype(np.float32)
     out = population.astype(np.float32)
     out *= factor[rows[:, None], cols[None, :]]
-    out += even[rows[:, None], cols[None, :]]
+    add = even[rows[:, None], cols[None, :]]
+    if allowed is not None:  # spread over the allowed pixels, or all if the cell has none
+        some = (n_ok > 0)[rows[:, None], cols[None, :]]
+        add = np.where(some & ~allowed, 0.0, add).astype(np.float32)
+    out += add
     return out
 
 
@@ -131,6 +148,7 @@ def predict_window(
     terms: np.ndarray | None = None,
     offset: tuple[int, int] = (0, 0),
     counts: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Population, density and cell estimates for a tile, given it with its halo.
 
@@ -157,6 +175,9 @@ def predict_window(
         ``(y_cell, x_cell)`` model count of the cells the window touches (the fit's
         ``design @ densities``): what rescales the cells the window cuts, whose other
         pixels it does not hold. Needed when the window cuts cells and ``census`` is given.
+    mask
+        ``(y, x)`` True where nobody can live (:mod:`popdask.mask`): those pixels get no
+        people before the rescaling (a cell the mask empties keeps its census, spread evenly).
 
     Returns
     -------
@@ -169,6 +190,10 @@ def predict_window(
     oy, ox = offset
     rows, cols = (oy + np.arange(ny)) // cell_px, (ox + np.arange(nx)) // cell_px
     pop = pixel_population(labels, densities, cell_px, terms)
+    allowed = n_ok = None
+    if mask is not None:
+        allowed = ~np.asarray(mask, bool)
+        pop[~allowed] = 0.0
     # cell sums of the pixels in the window; exact for the cells it holds whole
     rb, cb = np.flatnonzero(np.diff(rows, prepend=-1)), np.flatnonzero(np.diff(cols, prepend=-1))
     sums = np.add.reduceat(np.add.reduceat(pop, rb, axis=0, dtype=np.float64), cb, axis=1)
@@ -182,7 +207,9 @@ def predict_window(
         if counts is None and not whole.all():
             raise ValueError("the window cuts cells: give their model counts (counts=)")
         pred = sums if whole.all() else np.where(whole, sums, counts)
-        pop = _rescale(pop, census, pred, cell_px, rows, cols)
+        if allowed is not None:
+            n_ok = np.add.reduceat(np.add.reduceat(allowed, rb, axis=0, dtype=np.int64), cb, axis=1)
+        pop = _rescale(pop, census, pred, cell_px, rows, cols, allowed, n_ok)
     dens = to_density(smooth(pop, sigma), resolution)
     ys, xs = inner
     cy = slice(rows[ys.start], rows[ys.stop - 1] + 1)

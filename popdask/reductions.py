@@ -20,7 +20,7 @@ fit against the full one on real cells; ``benchmarks/continent.py`` an EU-sized 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -128,26 +128,38 @@ class Totals:
     population_known_cells: float = 0.0
     census_known: float = 0.0
     cells_known: int = 0
+    #: cells with people that a constraint mask leaves no pixel, and their census
+    cells_emptied_by_mask: int = 0
+    people_in_cells_emptied_by_mask: float = 0.0
 
     def __add__(self, other: Totals) -> Totals:
-        return Totals(
-            self.population + other.population,
-            self.population_known_cells + other.population_known_cells,
-            self.census_known + other.census_known,
-            self.cells_known + other.cells_known,
-        )
+        return Totals(*(a + b for a, b in zip(self._values(), other._values(), strict=True)))
+
+    def _values(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in fields(self))
 
     @classmethod
-    def of_tile(cls, population: np.ndarray, census: np.ndarray, cell_px: int) -> Totals:
-        """A tile's totals from its ``(y, x)`` population and its cells' census."""
+    def of_tile(
+        cls,
+        population: np.ndarray,
+        census: np.ndarray,
+        cell_px: int,
+        emptied: np.ndarray | None = None,
+    ) -> Totals:
+        """A tile's totals from its ``(y, x)`` population and its cells' census (and the
+        cells a mask emptied, :func:`popdask.mask.emptied_cells`)."""
         ny, nx = census.shape
         cells = population.astype(np.float64).reshape(ny, cell_px, nx, cell_px).sum(axis=(1, 3))
+        census = np.asarray(census, np.float64)
         known = np.isfinite(census)
+        emptied = np.zeros(census.shape, bool) if emptied is None else emptied
         return cls(
             float(np.nansum(population, dtype=np.float64)),
             float(cells[known].sum()),
-            float(np.asarray(census, np.float64)[known].sum()),
+            float(census[known].sum()),
             int(known.sum()),
+            int(emptied.sum()),
+            float(census[emptied].sum()),
         )
 
 

@@ -18,6 +18,7 @@ from popdask import catalog, regression, store, terms, variables
 from popdask.cluster import release_memory
 from popdask.config import ReadConfig
 from popdask.grid import Tile
+from popdask.mask import Mask, emptied_cells
 from popdask.model import PixelModel, sample_tile
 from popdask.predict import predict_window
 from popdask.reductions import CellRows, Totals, tile_cell_index, uniform
@@ -266,12 +267,14 @@ def predict_tile(
     sigma: float,
     rescale: bool,
     shares: Sequence[float] | None = None,
+    mask: Mask | None = None,
 ) -> Totals:
     """Read the tile's labels, term layers and census over the window ``ys, xs`` (the
     tile and whole cells around it, at least the smoothing's halo), predict, write the
     tile; return its totals. With ``shares`` (the region's share of each mapped census
     variable) the tile's ``population_by`` is its population times each cell's share
-    (:mod:`popdask.variables`).
+    (:mod:`popdask.variables`). ``mask`` (:mod:`popdask.mask`) zeroes the pixels where
+    nobody can live before the rescaling.
 
     The window holds every cell it touches whole, so each cell's model count (what rescales
     it) is summed from its own pixels: no region-wide table of counts is needed.
@@ -285,6 +288,7 @@ def predict_tile(
         values = store.read_window(path, store.TERMS, ys, xs, so, index=list(layers))
         values /= np.asarray(scale, np.float32)[:, None, None]
     iy, ix = inner(t, ys, xs)
+    masked = None if mask is None else mask.read(ys, xs)
     res = predict_window(
         labels,
         census if rescale else None,
@@ -294,6 +298,7 @@ def predict_tile(
         sigma=sigma,
         inner=(iy, ix),
         terms=values,
+        mask=masked,
     )
     own = census[iy.start // cell_px : iy.stop // cell_px, ix.start // cell_px : ix.stop // cell_px]
     if shares is not None:
@@ -301,11 +306,15 @@ def predict_tile(
         cell_shares = variables.shares(own, by, np.asarray(shares))
         res["population_by"] = variables.pixel_layers(res["population"], cell_shares, cell_px)
     store.write_arrays(path, t, res, so)
-    return Totals.of_tile(res["population"], own, cell_px)
+    emptied = None if masked is None else emptied_cells(~masked[iy, ix], own, cell_px)
+    return Totals.of_tile(res["population"], own, cell_px, emptied)
 
 
-def stored_totals(path: str, so: dict, t: Tile, cell_px: int) -> Totals:
+def stored_totals(path: str, so: dict, t: Tile, cell_px: int, mask: Mask | None = None) -> Totals:
     """The totals of a tile predicted by an earlier run, read from the store."""
     pop = store.read_window(path, "population", t.ys, t.xs, so)
-    census = store.read_window(path, "census", t.ys_cell, t.xs_cell, so)
-    return Totals.of_tile(pop, census.astype(np.float64), cell_px)
+    census = store.read_window(path, "census", t.ys_cell, t.xs_cell, so).astype(np.float64)
+    emptied = None
+    if mask is not None:
+        emptied = emptied_cells(~mask.read(t.ys, t.xs), census, cell_px)
+    return Totals.of_tile(pop, census, cell_px, emptied)
