@@ -207,7 +207,7 @@ def prepare_zones(
     zones: gpd.GeoDataFrame, *, columns: Sequence[str] | None = None, crs: Any = None
 ) -> tuple[gpd.GeoDataFrame, np.ndarray]:
     """The zones' attribute table (``columns``, default all) with their geometry as given,
-    and their polygons in EPSG:3035, valid, empty where a row has none.
+    and their polygons in EPSG:3035, 2D, valid, empty where a row has none.
 
     Raises
     ------
@@ -232,7 +232,7 @@ def prepare_zones(
             raise ValueError(f"the zones have no column {missing}; they have {attrs}")
         attrs = list(columns)
     geoms = np.asarray(zones.geometry.to_crs(EPSG).values, dtype=object)
-    geoms = np.where(shapely.is_missing(geoms), shapely.Polygon(), geoms)
+    geoms = shapely.force_2d(np.where(shapely.is_missing(geoms), shapely.Polygon(), geoms))
     polygonal = shapely.get_type_id(geoms)
     bad = ~np.isin(polygonal, [3, 6]) & ~shapely.is_empty(geoms)  # Polygon, MultiPolygon
     if bad.any():
