@@ -12,6 +12,9 @@ left out) and, for each polygon count, zones covering the region: the Voronoi ce
 random points cut to the region (so their sum is the store's total), saved as a GeoPackage
 in EPSG:4326, which aggregate reads and reprojects like a user's file.
 
+With ``--pipeline`` the store is that of a real run instead (:func:`pipeline_store`: the
+generated demo region, its STAC API on loopback, every pass of the pipeline).
+
 Each (region, polygons) case runs in a fresh subprocess holding the client and the
 scheduler, with a LocalCluster of 2 worker processes × 1 thread, as ``popdask aggregate``
 runs. Its RSS is sampled every 0.05 s (``psutil``), with the workers' RSS: before the call
@@ -62,6 +65,29 @@ def build_store(path: str, side_km: int, seed: int = 0) -> None:
             pop[:200, :300] = np.nan  # no data in a corner
         store.write_arrays(path, tile, {"population": pop})
     store.set_status(path, grid.tiles(), store.COMPLETE)
+
+
+def pipeline_store(side_km: int, work: Path, seed: int = 0) -> str:
+    """The store of a real run (``--pipeline``): the generated demo region of ``side_km``
+    (:mod:`popdask.synthetic`, as ``benchmarks/scale.py`` generates it) served by a STAC API
+    on loopback and run by :func:`popdask.pipeline.run` on 2 workers × 1 thread."""
+    from popdask.cluster import get_client
+    from popdask.config import ClusterConfig, config_from_dict
+    from popdask.demo import demo_config
+    from popdask.pipeline import run
+    from popdask.stac_server import StacServer
+    from popdask.synthetic import make_demo_region
+
+    x0, y0 = ORIGIN
+    bbox = (x0, y0, x0 + side_km * 1000, y0 + side_km * 1000)
+    region = make_demo_region(work / f"data{side_km}", bbox=bbox, seed=seed)
+    out = work / f"run{side_km}"
+    with StacServer(
+        list(region.collections.values()), list(region.items.values()), cwd=region.root
+    ) as server:
+        cfg = config_from_dict(demo_config(region, server.url, out))
+        with get_client(ClusterConfig(workers=2, threads_per_worker=1)) as client:
+            return run(cfg, client=client, progress=False).path
 
 
 def make_zones(path: str, side_km: int, n: int, seed: int = 0) -> None:
@@ -173,6 +199,9 @@ def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[40, 80, 160], help="region side, km")
     ap.add_argument("--polygons", type=int, nargs="+", default=[2000])
+    ap.add_argument(
+        "--pipeline", action="store_true", help="stores of real runs (slow) instead of written"
+    )
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=str(HERE / "aggregate.json"))
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)  # measure(store, zones)
@@ -184,7 +213,11 @@ def main(argv=None) -> list[dict]:
     rows = []
     for size in args.sizes:
         store_path = str(work / f"region{size}.zarr")
-        if not Path(store_path).exists():
+        if args.pipeline:
+            t = time.perf_counter()
+            store_path = pipeline_store(size, work)
+            print(f"run {size} km: {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        elif not Path(store_path).exists():
             t = time.perf_counter()
             build_store(store_path, size)
             print(f"store {size} km: {time.perf_counter() - t:.1f} s", file=sys.stderr)
@@ -198,7 +231,8 @@ def main(argv=None) -> list[dict]:
                 capture_output=True,
                 text=True,
             )
-            row = {"side_km": size, "tiles": (size // 10) ** 2, **json.loads(done.stdout)}
+            row = {"side_km": size, "tiles": (size // 10) ** 2, "pipeline": args.pipeline}
+            row.update(json.loads(done.stdout))
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
     print_table(rows)

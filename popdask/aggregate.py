@@ -60,8 +60,9 @@ FORMATS = {".csv": "CSV", ".parquet": "Parquet", ".gpkg": "GeoPackage"}
 # Pure parts: polygons on the grid, sums on a tile's arrays
 # --------------------------------------------------------------------------------------
 def tile_pairs(grid: Grid, geoms: np.ndarray) -> tuple[list[Tile], list[np.ndarray]]:
-    """The tiles of ``grid`` whose inside polygons ``geoms`` (EPSG:3035) reach (not only
-    touch), and for each the indices of those polygons (ascending).
+    """The tiles of ``grid`` whose inside the polygons ``geoms`` (EPSG:3035) reach, and for
+    each the indices of those polygons (ascending). A polygon that only touches a tile's
+    edge is not the tile's.
 
     Built from one bulk STRtree query: its size is the number of (polygon, tile) pairs,
     about the polygons plus the tiles their edges cross.
@@ -453,7 +454,7 @@ def _tile_sums(
     def build(tile: Tile):
         index = polygons.pop((tile.row, tile.col))
         clipped = clip_to_tile(geoms[index], tile.bounds, grid.resolution)
-        keep = ~shapely.is_empty(clipped)
+        keep = shapely.area(clipped) > 0
         wkb = shapely.to_wkb(clipped[keep])
         return aggregate_tile, (path, so, tile, index[keep], wkb, by), {}
 
