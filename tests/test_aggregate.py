@@ -254,6 +254,9 @@ def test_outputs_by_extension(plain_store, client, tmp_path):
     np.testing.assert_allclose(back["population"], table["population"], rtol=1e-12)
     # the polygons as given (GeoPackage layers are of one type: polygons become multipolygons)
     assert shapely.equals(back.geometry.values, zones.geometry.values).all()
+    zones.to_parquet(tmp_path / "zones.parquet")  # GeoParquet zones, and the current client
+    from_parquet = aggregate(plain_store, str(tmp_path / "zones.parquet"))
+    np.testing.assert_array_equal(from_parquet["population"], table["population"])
     with pytest.raises(ValueError, match=r"\.csv \(CSV\), \.parquet \(Parquet\), \.gpkg"):
         aggregate("no-such-store.zarr", zones, tmp_path / "people.xlsx", client=client)
 
