@@ -6,8 +6,9 @@ them touches, sends a task (:func:`popdask.scheduler.map_tiles`) with only those
 clipped to the tile (WKB). The task reads the tile's ``population`` (and ``population_by``)
 from the store and sums each layer over each polygon with exact fractional pixel coverage
 (exactextract: a pixel half inside a polygon gives half its people); it returns one small
-row per (polygon, tile), which the client adds per polygon. The client holds the polygons
-and one row of sums per polygon, never a raster.
+row per (polygon, tile), which the client adds per polygon, in the tiles' order (the same
+sums to the last bit on every run). The client holds the polygons and these rows, never a
+raster.
 
 - A pixel without data (NaN: outside the model's reach, a tile not yet predicted) counts
   as 0. ``covered_fraction`` says which share of a polygon's area lies on pixels with
@@ -318,8 +319,8 @@ def aggregate(
 
     Every pixel counts with the share of its area inside the polygon (exact coverage,
     exactextract), so a polygon's total does not depend on how it falls on the 20 m grid.
-    The sums run tile by tile on the cluster (only the polygons touching a tile go to its
-    task); the client holds the polygons and one row of sums per polygon.
+    The sums run tile by tile on the cluster (only the polygons reaching into a tile go to
+    its task); the client holds the polygons and one row of sums per polygon and tile.
 
     Parameters
     ----------
@@ -458,6 +459,7 @@ def _tile_sums(
         wkb = shapely.to_wkb(clipped[keep])
         return aggregate_tile, (path, so, tile, index[keep], wkb, by), {}
 
+    parts: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
     for r in map_tiles(
         client, tiles, build, total=len(tiles), per_task=None, desc="aggregate", progress=progress
     ):
@@ -465,7 +467,11 @@ def _tile_sums(
             raise RuntimeError(
                 f"aggregate: tile {r.tile.id} failed: {type(r.error).__name__}: {r.error}"
             ) from r.error
-        index, part = r.value
+        parts[r.tile.row, r.tile.col] = r.value
+    # added in the tiles' order, not as they finished: the same sums to the last bit on
+    # every run (the parts are one row per polygon and tile it reaches)
+    for tile in tiles:
+        index, part = parts.pop((tile.row, tile.col))
         sums[index] += part
     log.info("aggregate: %d polygons over %d tiles", len(geoms), len(tiles))
     return sums
