@@ -253,10 +253,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_aggregate(args: argparse.Namespace) -> int:
     """People per polygon of a store, written to a CSV, Parquet or GeoPackage table."""
-    from popdask.aggregate import aggregate
+    from popdask.aggregate import aggregate, output_format
     from popdask.cluster import get_client
     from popdask.config import ClusterConfig
 
+    output_format(args.out)  # a wrong extension fails before a cluster starts
     cluster = ClusterConfig(kind="address", address=args.scheduler) if args.scheduler else None
     columns = [c for c in args.columns.split(",") if c] if args.columns else None
     with get_client(cluster) as client:
