@@ -310,3 +310,16 @@ def test_cli_aggregate_and_unfinished_tiles(plain_store, client, tmp_path, capsy
             aggregate(plain_store, zones_3035().iloc[[6]], client=client)
     finally:
         store.set_status(plain_store, [tile], store.COMPLETE)
+
+
+def test_aggregate_on_the_demo_store(clean_run, client):
+    """On the store of a real run (the session's demo, 6 km in four 3 km tiles): polygons
+    across its tile edges, given in EPSG:4326."""
+    path = str(clean_run.parent / "out.zarr")
+    grid = Grid.from_bbox((X0, Y0, X0 + 6000, Y0 + 6000), tile=3000)
+    zones = zones_3035().iloc[[0, 1, 3, 4, 7]].to_crs(4326)
+    table = aggregate(path, zones, client=client)
+    layers = stored_layers(path)
+    want = [expected(layers, grid, g)[0][0] for g in zones.geometry.to_crs(3035)]
+    assert relative(table["population"], want).max() < 1e-6
+    assert table["population"].sum() > 1000
