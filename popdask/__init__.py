@@ -7,6 +7,7 @@ The public entry points:
 - :func:`popdask.regression.fit_densities` — persons per cluster from cell fractions;
 - :func:`popdask.synthetic.make_demo_region` — the generated demo region;
 - :func:`popdask.export` — a store as COGs, VRTs and STAC (:mod:`popdask.exporter`);
+- :func:`popdask.aggregate` — people per polygon of a finished store (:mod:`popdask.zonal`);
 - the ``popdask`` command (:mod:`popdask.cli`).
 """
 
@@ -17,12 +18,17 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
-__all__ = ["__version__", "export"]
+__all__ = ["__version__", "aggregate", "export"]
 
 
 def __getattr__(name: str):
-    if name == "export":  # imported on first use: rasterio and pystac are not light
+    # imported on first use: rasterio, pystac, geopandas and exactextract are not light
+    if name == "export":
         from popdask.exporter import export
 
         return export
+    if name == "aggregate":
+        from popdask.zonal import aggregate
+
+        return aggregate
     raise AttributeError(f"module 'popdask' has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""The ``popdask`` command: ``demo``, ``run``, ``plan``, ``status``, ``evaluate``, ``export``."""
+"""The ``popdask`` command: ``demo``, ``run``, ``plan``, ``status``, ``evaluate``,
+``export``, ``aggregate``."""
 
 from __future__ import annotations
 
@@ -270,6 +271,35 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    """People per polygon of a store, written to a CSV, Parquet or GeoPackage table."""
+    from popdask.cluster import get_client
+    from popdask.config import ClusterConfig
+    from popdask.zonal import aggregate, output_format
+
+    output_format(args.out)  # a wrong extension fails before a cluster starts
+    cluster = ClusterConfig(kind="address", address=args.scheduler) if args.scheduler else None
+    columns = [c for c in args.columns.split(",") if c] if args.columns else None
+    with get_client(cluster) as client:
+        table = aggregate(
+            args.store,
+            args.zones,
+            args.out,
+            layer=args.layer,
+            columns=columns,
+            crs=args.crs,
+            storage_options=json.loads(args.storage_options),
+            client=client,
+            progress=True,
+        )
+    outside = int((table["covered_fraction"] == 0).sum())
+    print(
+        f"popdask aggregate: {len(table)} zones, {table['population'].sum():,.0f} persons "
+        f"({outside} zones without data); wrote {args.out}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="popdask", description=__doc__)
     p.add_argument("--version", action="version", version=f"popdask {__version__}")
@@ -358,6 +388,21 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out-storage-options", default="{}", help="JSON fsspec options of OUT")
     x.add_argument("--scheduler", default=None, help="dask scheduler address (default: local)")
     x.set_defaults(func=cmd_export)
+
+    a = sub.add_parser(
+        "aggregate", help="people per polygon (exact pixel coverage) to .csv, .parquet or .gpkg"
+    )
+    a.add_argument("store", help="path or URL of the output Zarr store")
+    a.add_argument("zones", help="polygons: any file OGR reads (.gpkg, .shp, .geojson, ...)")
+    a.add_argument("out", help="the table to write: .csv, .parquet or .gpkg (with geometry)")
+    a.add_argument("--layer", default=None, help="layer of a multi-layer zones file")
+    a.add_argument("--columns", default=None, help="zone columns to keep, e.g. LAU_ID,NAME")
+    a.add_argument("--crs", default=None, help="CRS of zones that declare none: EPSG:4326")
+    a.add_argument("--storage-options", default="{}", help="JSON fsspec storage options")
+    a.add_argument(
+        "--scheduler", default=None, help="address of a dask scheduler (default: a local cluster)"
+    )
+    a.set_defaults(func=cmd_aggregate)
     return p
 
 
