@@ -247,6 +247,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         rel = "" if b["relative_bias"] is None else f" ({b['relative_bias']:+.1%})"
         val = "—" if b["bias"] is None else f"{b['bias']:+.1f}{rel}"
         print(f"    {cls:<11} n={b['n']:<5} {val}")
+    if r.get("intervals"):
+        i = r["intervals"]
+        print(
+            "  90 % intervals against the truth (populated places): "
+            f"100 m {i['interval_coverage_100m_populated']:.1%}, "
+            f"1 km {i['interval_coverage_1km_populated']:.1%} covered"
+        )
     print(f"popdask evaluate: wrote {out / 'evaluation.json'} and {out / 'evaluation.png'}")
     return 0
 

@@ -40,7 +40,7 @@ MIN_OVERVIEW = 8
 #: Layers exported when none are named.
 DEFAULT_LAYERS = ("population", "density")
 #: Count layers: their pixels add up (persons), so their overviews are sums in disguise.
-COUNT_LAYERS = ("population", "population_by")
+COUNT_LAYERS = ("population", "population_by", "population_lower", "population_upper")
 #: ``{layer kind: overview resampling}``.
 RESAMPLING = {"count": "average", "density": "average", "categorical": "mode"}
 COG_MEDIA_TYPE = "image/tiff; application=geotiff; profile=cloud-optimized"

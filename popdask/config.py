@@ -277,6 +277,9 @@ class RegressionConfig(_Model):
     #: census cells the densities fit sees at the most (a uniform sample of the known
     #: cells beyond that: popdask.reductions); every cell of a region below it
     fit_cells: int = Field(100_000, ge=100)
+    #: replicates of the spatial block bootstrap behind the intervals (popdask.uncertainty);
+    #: 0: no intervals
+    bootstrap: int = Field(0, ge=0)
 
 
 class OutputConfig(_Model):

@@ -1010,6 +1010,12 @@ def evaluate(
         ests["baseline_uniform"] = uniform_population(census, cell_px)
         scales = (1, max(round(100 / res), 1), cell_px)
         out["truth"] = truth_scores(ests, t, resolution=res, scales=scales)
+        if "population_lower" in ds:  # the intervals' empirical coverage
+            from popdask.uncertainty import truth_coverage
+
+            sides = [ds[v].values for v in ("population_lower", "population_upper")]
+            cells = [ds[v].values for v in ("cell_lower", "cell_upper")]
+            out["intervals"] = truth_coverage(*sides, *cells, t, cell_px, max(round(100 / res), 1))
 
     if figure is not None:
         from popdask.plot import _extent_km

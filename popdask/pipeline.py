@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from distributed import Client
 
-from popdask import __version__, catalog, regression, store, tasks, terms
+from popdask import __version__, catalog, regression, store, tasks, terms, uncertainty
 from popdask.census_blocks import stage_from_config
 from popdask.composite import REFLECTANCE
 from popdask.config import Config
@@ -641,9 +641,34 @@ def density_fit(
         "seconds": {"fit": fit_s, "cv": cv_s},
         "group": {"arrays": arrays, "attrs": attrs},  # what `save_fit` writes
     }
+    if cfg.regression.bootstrap and plain is not None:
+        oof = (plain if with_terms is None or X is F else with_terms).predicted
+        fit.update(_intervals(cfg, X, pop, groups, oof))
+        arrays["bootstrap"] = fit["bootstrap"]
+        attrs["log_error_bounds"] = list(fit["log_error_bounds"])
     if save:
         save_fit(cfg.output.store, fit, cfg.output.storage_options)
     return fit
+
+
+def _intervals(cfg: Config, X, pop, groups, oof) -> dict[str, Any]:
+    """The bootstrap's densities and the 1 km error bounds of the intervals
+    (:mod:`popdask.uncertainty`)."""
+    t = time.perf_counter()
+    boot = uncertainty.bootstrap_densities(
+        X, pop, groups, regression.fit_densities, n=cfg.regression.bootstrap, seed=cfg.model.seed
+    )
+    bounds = uncertainty.log_error_bounds(pop, oof)
+    log.info(
+        "intervals: %d bootstrap fits in %.1f s; the 1 km out-of-fold error spans a factor "
+        "%.2f to %.2f (%.0f %% of the cells)",
+        len(boot),
+        time.perf_counter() - t,
+        np.exp(bounds[0]),
+        np.exp(bounds[1]),
+        100 * uncertainty.LEVEL,
+    )
+    return {"bootstrap": boot, "log_error_bounds": bounds}
 
 
 def save_fit(path: str, fit: dict[str, Any], storage_options=None) -> None:
@@ -687,6 +712,9 @@ def predict_pass(
         # the region's share of each mapped census variable (cells without their own)
         "shares": store.variable_shares(path, so),
         "mask": mask_of(cfg, grid),
+        "intervals": None
+        if fit.get("bootstrap") is None
+        else {"densities": np.asarray(fit["bootstrap"]), "log_bounds": fit["log_error_bounds"]},
     }
     totals: list[Totals] = [Totals()]
 
@@ -777,8 +805,13 @@ def run_metrics(
             out["population_total_known_cells"] / out["census_total_known"] - 1.0
         )
     if truth is not None:
-        pop = store.open_store(path, storage_options).population.values
-        out.update(truth_metrics(pop.astype(np.float64), truth))
+        ds = store.open_store(path, storage_options)
+        out.update(truth_metrics(ds.population.values.astype(np.float64), truth))
+        if "population_lower" in ds:
+            bounds = [ds[v].values for v in ("population_lower", "population_upper")]
+            cells = [ds[v].values for v in ("cell_lower", "cell_upper")]
+            cpx = ds.sizes["y"] // ds.sizes["y_cell"]
+            out.update(uncertainty.truth_coverage(*bounds, *cells, truth, cpx))
     return out
 
 
@@ -899,6 +932,7 @@ def run(
             storage_options=so,
             terms=active_terms(cfg, kinds),
             signature=run_signature(cfg, census.sha256),
+            intervals=cfg.regression.bootstrap > 0,
         )
         known = census.finite_cells
     log.info("store: %s %s", "created" if created else "resuming", path)

@@ -39,6 +39,7 @@ import zarr
 from popdask.census_blocks import block_cells
 from popdask.chunkio import MISSING_ATTR, ChunkArray, put, resolve, write_array
 from popdask.grid import CRS, Grid, Tile
+from popdask.uncertainty import LEVEL
 
 if TYPE_CHECKING:
     from popdask.census_blocks import Staged
@@ -166,9 +167,11 @@ def template(
     census_attrs: Mapping[str, Any],
     variables: Sequence[str] = (),
     variables_attrs: Mapping[str, Any] | None = None,
+    intervals: bool = False,
 ) -> xr.Dataset:
     """The lazy dataset whose metadata defines the store (no pixel data computed); with
-    ``variables`` (census columns mapped), ``census_by`` and ``population_by`` too."""
+    ``variables`` (census columns mapped), ``census_by`` and ``population_by`` too; with
+    ``intervals``, the interval layers (:mod:`popdask.uncertainty`)."""
     ny, nx = grid.shape
     # one dask chunk per variable: only the metadata is written (compute=False), and the
     # Zarr chunks (one per tile) come from the encoding (`chunk_encoding`), so creating a
@@ -244,6 +247,8 @@ def template(
     )
     if variables:
         ds = ds.assign(_variable_layers(grid, variables, variables_attrs or {}))
+    if intervals:
+        ds = ds.assign(_interval_layers(grid))
     for c in ("x", "x_cell"):
         ds[c].attrs.update(units="m", standard_name="projection_x_coordinate")
     for c in ("y", "y_cell"):
@@ -287,12 +292,38 @@ def _variable_layers(
     }
 
 
+def _interval_layers(grid: Grid) -> dict[str, xr.DataArray]:
+    """``population_lower``/``_upper`` (y, x) and ``cell_lower``/``_upper`` (y_cell, x_cell)."""
+    out = {}
+    for side in ("lower", "upper"):
+        out[f"population_{side}"] = xr.DataArray(
+            da.full(grid.shape, np.nan, dtype=np.float32, chunks=-1),
+            dims=("y", "x"),
+            attrs={
+                "units": "persons per pixel",
+                "long_name": f"{side} bound of the {LEVEL:.0%} interval of the persons per pixel",
+            },
+        )
+        out[f"cell_{side}"] = xr.DataArray(
+            da.full(grid.cell_shape, np.nan, dtype=np.float32, chunks=-1),
+            dims=("y_cell", "x_cell"),
+            attrs={
+                "units": "persons",
+                "long_name": f"{side} bound of the {LEVEL:.0%} interval of the model's count "
+                "per cell without its census",
+            },
+        )
+    return out
+
+
 def chunk_encoding(grid: Grid, n_bands: int) -> dict[str, tuple[int, ...]]:
     """The Zarr chunks of the store's variables: one per tile (a tile's pixels, its cells,
     its own status entries), so that each tile task writes its own chunks only."""
     t, c = grid.tile_px, grid.tile // grid.cell
     return {
         **{v: (t, t) for v in ("population", "density", "cluster")},
+        **{f"population_{s}": (t, t) for s in ("lower", "upper")},
+        **{f"cell_{s}": (c, c) for s in ("lower", "upper")},
         "composite": (1, t, t),
         "population_by": (1, t, t),
         "predicted": (c, c),
@@ -313,6 +344,7 @@ def create(
     storage_options=None,
     terms: Sequence[str] = (),
     signature: Mapping[str, Any] | None = None,
+    intervals: bool = False,
 ) -> bool:
     """Create the store, or check that an existing one belongs to this run.
 
@@ -354,6 +386,7 @@ def create(
         _jsonable(dict(census.attrs)),
         variables,
         _jsonable(getattr(census, "by_attrs", {})),
+        intervals,
     )
     meta = {"grid": sig, "signature": dict(signature or {}), CENSUS_WRITTEN: False}
     ds.attrs.update({"popdask": meta, **_jsonable(attrs)})
@@ -373,6 +406,9 @@ def create(
     if variables:
         encoding["census_by"] = {"chunks": (len(variables), *encoding["census"]["chunks"])}
         encoding["population_by"] = {"compressors": [FAST_CODEC]}
+    if intervals:
+        for side in ("lower", "upper"):
+            encoding[f"population_{side}"] = {"compressors": [FAST_CODEC]}
     for name, chunks in chunk_encoding(grid, len(bands)).items():
         if name in ds:
             encoding.setdefault(name, {})["chunks"] = chunks

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from popdask import catalog, regression, store, terms, variables
+from popdask import catalog, regression, store, terms, uncertainty, variables
 from popdask.cluster import release_memory
 from popdask.config import ReadConfig
 from popdask.grid import Tile
@@ -268,13 +268,15 @@ def predict_tile(
     rescale: bool,
     shares: Sequence[float] | None = None,
     mask: Mask | None = None,
+    intervals: dict | None = None,
 ) -> Totals:
     """Read the tile's labels, term layers and census over the window ``ys, xs`` (the
     tile and whole cells around it, at least the smoothing's halo), predict, write the
     tile; return its totals. With ``shares`` (the region's share of each mapped census
     variable) the tile's ``population_by`` is its population times each cell's share
     (:mod:`popdask.variables`). ``mask`` (:mod:`popdask.mask`) zeroes the pixels where
-    nobody can live before the rescaling.
+    nobody can live before the rescaling. ``intervals`` (the bootstrap's ``densities`` and
+    the 1 km ``log_bounds``) adds the tile's interval layers (:mod:`popdask.uncertainty`).
 
     The window holds every cell it touches whole, so each cell's model count (what rescales
     it) is summed from its own pixels: no region-wide table of counts is needed.
@@ -301,6 +303,15 @@ def predict_tile(
         mask=masked,
     )
     own = census[iy.start // cell_px : iy.stop // cell_px, ix.start // cell_px : ix.stop // cell_px]
+    if intervals is not None:
+
+        def replicate(d: np.ndarray) -> dict[str, np.ndarray]:
+            return predict_window(
+                labels, census if rescale else None, d, cell_px=cell_px,
+                resolution=resolution, sigma=0, inner=(iy, ix), terms=values, mask=masked,
+            )  # fmt: skip
+
+        res.update(interval_layers([replicate(d) for d in intervals["densities"]], intervals))
     if shares is not None:
         by = store.read_window(path, "census_by", t.ys_cell, t.xs_cell, so)
         cell_shares = variables.shares(own, by, np.asarray(shares))
@@ -308,6 +319,19 @@ def predict_tile(
     store.write_arrays(path, t, res, so)
     emptied = None if masked is None else emptied_cells(~masked[iy, ix], own, cell_px)
     return Totals.of_tile(res["population"], own, cell_px, emptied)
+
+
+def interval_layers(replicates: list[dict[str, np.ndarray]], intervals: dict) -> dict:
+    """The interval layers of a tile from its replicates' predictions."""
+    log_bounds = tuple(intervals["log_bounds"])
+    lower, upper = uncertainty.bounds(np.stack([r["population"] for r in replicates]), log_bounds)
+    c_lo, c_hi = uncertainty.bounds(np.stack([r["predicted"] for r in replicates]), log_bounds)
+    return {
+        "population_lower": lower,
+        "population_upper": upper,
+        "cell_lower": c_lo,
+        "cell_upper": c_hi,
+    }
 
 
 def stored_totals(path: str, so: dict, t: Tile, cell_px: int, mask: Mask | None = None) -> Totals:
