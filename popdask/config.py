@@ -251,12 +251,26 @@ class CensusConfig(_Model):
 
 
 class MaskConfig(_Model):
-    """Pixels where nobody can live (:mod:`popdask.mask`): a raster GDAL opens (any CRS; a
-    local path or a URL the workers read) and its ``values`` that mean "nobody lives here"
-    (default: any non-zero value). Applied before the census rescaling."""
+    """Pixels where nobody can live (:mod:`popdask.mask`): a raster GDAL opens (``path``: any
+    CRS; a local path or a URL the workers read) or a STAC ``collection`` (its ``asset`` of
+    the items over each tile, from ``url`` or ``stac.url``), and the ``values`` that mean
+    "nobody lives here" (default: any non-zero value). Applied before the census rescaling."""
 
-    path: str
+    path: str | None = None
+    collection: str | None = None
+    url: str | None = None
+    asset: str = "map"
+    datetime: str | None = None
+    sign: Literal["planetary_computer"] | None = None
     values: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> MaskConfig:
+        if (self.path is None) == (self.collection is None):
+            raise ValueError(
+                "give the mask as a raster (mask.path) or a STAC collection (mask.collection)"
+            )
+        return self
 
 
 class ModelConfig(_Model):
@@ -351,6 +365,12 @@ class Config(_Model):
     def _no_secrets(self) -> Config:
         refuse_storage_secrets(self.output.storage_options, "output.storage_options")
         refuse_storage_secrets(self.census.storage_options, "census.storage_options")
+        return self
+
+    @model_validator(mode="after")
+    def _mask_url(self) -> Config:
+        if self.mask is not None and self.mask.collection and not (self.mask.url or self.stac.url):
+            raise ValueError("mask.collection has no STAC API: set stac.url, or mask.url")
         return self
 
     @model_validator(mode="after")

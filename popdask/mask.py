@@ -2,12 +2,13 @@
 census rescaling.
 
 ``mask: {path: water.tif, values: [1]}`` names a raster GDAL opens (any CRS; a local path
-or a URL every worker reads) and its values that mean "nobody lives here" (default: any
-non-zero value; nodata never masks). Each predict task reads the mask under its window,
-warped onto the 20 m grid (nearest). Masked pixels get no people from the model; a cell's
-census then goes to its other pixels, and a cell the mask empties entirely keeps its people
-spread evenly over all its pixels (counted and reported, never dropped:
-:func:`emptied_cells`).
+or a URL every worker reads), or ``mask: {collection: esa-worldcover, asset: map, values:
+[80]}`` a STAC collection whose items over each window are read, and the values that mean
+"nobody lives here" (default: any non-zero value; nodata never masks). Each predict task
+reads the mask under its window, warped onto the 20 m grid (nearest). Masked pixels get no
+people from the model; a cell's census then goes to its other pixels, and a cell the mask
+empties entirely keeps its people spread evenly over all its pixels (counted and reported,
+never dropped: :func:`emptied_cells`).
 """
 
 from __future__ import annotations
@@ -76,11 +77,50 @@ def emptied_cells(allowed: np.ndarray, census: np.ndarray, cell_px: int) -> np.n
 
 @dataclass(frozen=True)
 class Mask:
-    """What a task needs to read the mask under its window (small: it rides in the task)."""
+    """What a task needs to read the mask under its window (small: it rides in the task):
+    a raster's ``path``, or a STAC ``collection`` at ``url`` whose ``asset`` of the items
+    over the window is read (all of them: a pixel is masked if any says so)."""
 
-    path: str
     values: tuple[float, ...] | None
     grid: Grid
+    path: str | None = None
+    collection: str | None = None
+    url: str | None = None
+    asset: str = "map"
+    datetime: str | None = None
+    sign: str | None = None
 
     def read(self, ys: slice, xs: slice) -> np.ndarray:
-        return read_mask(self.path, self.grid, ys, xs, self.values)
+        hrefs = [self.path] if self.path else self._hrefs(ys, xs)
+        out = np.zeros((ys.stop - ys.start, xs.stop - xs.start), bool)
+        for href in hrefs:
+            out |= read_mask(href, self.grid, ys, xs, self.values)
+        return out
+
+    def _hrefs(self, ys: slice, xs: slice) -> list[str]:
+        from popdask.catalog import bounds_lonlat, search_items
+
+        xmin, _, _, ymax = self.grid.bounds
+        r = self.grid.resolution
+        box = (xmin + xs.start * r, ymax - ys.stop * r, xmin + xs.stop * r, ymax - ys.start * r)
+        items = search_items(
+            self.url,
+            self.collection,
+            bbox_lonlat=bounds_lonlat(box),
+            datetime=self.datetime,
+            name="mask",
+        )
+        hrefs = []
+        for item in items:
+            assets = item.get("assets") or {}
+            if self.asset not in assets:
+                raise ValueError(
+                    f"mask: item {item.get('id')!r} of {self.collection!r} has no asset "
+                    f"{self.asset!r}; set mask.asset to one of {sorted(assets)}"
+                )
+            hrefs.append(assets[self.asset]["href"])
+        if self.sign == "planetary_computer":
+            import planetary_computer
+
+            hrefs = [planetary_computer.sign(h) for h in hrefs]
+        return hrefs

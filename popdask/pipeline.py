@@ -762,7 +762,18 @@ def region_totals(
 def mask_of(cfg: Config, grid: Grid) -> Mask | None:
     """The run's constraint mask, as its tasks read it (:mod:`popdask.mask`)."""
     m = cfg.mask
-    return None if m is None else Mask(m.path, None if m.values is None else tuple(m.values), grid)
+    if m is None:
+        return None
+    return Mask(
+        values=None if m.values is None else tuple(m.values),
+        grid=grid,
+        path=m.path,
+        collection=m.collection,
+        url=m.url or cfg.stac.url,
+        asset=m.asset,
+        datetime=m.datetime,
+        sign=m.sign or cfg.stac.sign,
+    )
 
 
 def run_metrics(

@@ -116,3 +116,67 @@ def test_a_run_with_a_mask(tmp_path, demo_region, stac_api, dask_cluster, water,
     # the unmasked run put people in those pixels: the mask changed where they are
     ref = store.open_store(str(clean_run.parent / "out.zarr")).population.values
     assert ref[masked].sum() > 0
+
+
+def _water_item(path, tmp_path):
+    """A STAC collection ``water`` with one item whose ``map`` asset is the lake raster."""
+    from rasterio.warp import transform_bounds
+
+    with rasterio.open(path) as src:
+        w, s, e, n = transform_bounds(src.crs, "EPSG:4326", *src.bounds)
+    ring = [[w, s], [e, s], [e, n], [w, n], [w, s]]
+    item = {
+        "type": "Feature", "stac_version": "1.1.0", "id": "lake", "collection": "water",
+        "geometry": {"type": "Polygon", "coordinates": [ring]}, "bbox": [w, s, e, n],
+        "properties": {"datetime": "2021-01-01T00:00:00Z"}, "links": [],
+        "assets": {"map": {"href": str(path), "type": "image/tiff"}},
+    }  # fmt: skip
+    coll = {
+        "type": "Collection", "stac_version": "1.1.0", "id": "water", "description": "lakes",
+        "license": "CC0-1.0", "links": [],
+        "extent": {"spatial": {"bbox": [[w, s, e, n]]},
+                   "temporal": {"interval": [["2021-01-01T00:00:00Z", None]]}},
+    }  # fmt: skip
+    (tmp_path / "water.json").write_text(json.dumps(coll))
+    (tmp_path / "water.ndjson").write_text(json.dumps(item) + "\n")
+    return tmp_path / "water.json", tmp_path / "water.ndjson"
+
+
+def test_a_mask_from_a_stac_collection_reads_its_items_under_the_window(tmp_path, water):
+    from popdask.config import config_from_dict
+    from popdask.pipeline import mask_of
+    from popdask.stac_server import StacServer
+
+    grid = Grid.from_bbox((4321000, 3210000, 4327000, 3216000), tile=3000)
+    coll, items = _water_item(water, tmp_path)
+    with StacServer([coll], [items], cwd=tmp_path) as api:
+        data = {
+            "region": {"bbox": [4321000, 3210000, 4327000, 3216000]},
+            "grid": {"tile": 3000},
+            "stac": {"url": api.url},
+            "sources": {"sentinel2": {"collection": "s2", "datetime": "2021", "assets": ["B04"]}},
+            "census": {"path": str(tmp_path / "c.csv")},
+            "output": {"path": str(tmp_path / "o.zarr")},
+            "mask": {"collection": "water", "values": [80]},
+        }
+        mask = mask_of(config_from_dict(data), grid)
+        assert mask.url == api.url and mask.path is None
+        got = mask.read(slice(50, 200), slice(100, 250))
+        np.testing.assert_array_equal(
+            got, read_mask(str(water), grid, slice(50, 200), slice(100, 250), values=[80])
+        )
+        assert got.sum() > 1000
+        with pytest.raises(
+            ValueError, match=r"no asset 'data'; set mask.asset to one of \['map'\]"
+        ):
+            type(mask)(values=(80,), grid=grid, collection="water", url=api.url, asset="data").read(
+                slice(0, 50), slice(0, 50)
+            )
+
+
+@pytest.mark.parametrize("mask", [{}, {"path": "a.tif", "collection": "water"}])
+def test_the_mask_is_a_raster_or_a_collection(mask):
+    from popdask.config import MaskConfig
+
+    with pytest.raises(ValueError, match=r"mask.path\) or a STAC collection"):
+        MaskConfig(**mask)
