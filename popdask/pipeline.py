@@ -412,8 +412,11 @@ def cell_pick(cfg: Config, grid: Grid) -> tasks.CellPick:
     cells with a known census, the same in every task (:mod:`popdask.reductions`)."""
     path, so = cfg.output.store, cfg.output.storage_options
     known = store.root_attrs(path, so).get("census_known_cells")
-    if known is None:  # a store written before the count was recorded
-        known = int(np.isfinite(store.read_census(path, so)).sum())
+    if known is None:  # written by run() before any pass: this is not a popdask run's store
+        raise PipelineError(
+            f"{path} does not record its census' known cells (census_known_cells); "
+            "it was not made by popdask.pipeline.run: run it with the same configuration"
+        )
     share = sample_share(cfg.regression.fit_cells, int(known))
     return tasks.CellPick(share, cfg.model.seed, grid.cell_shape[1])
 

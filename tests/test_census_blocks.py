@@ -178,3 +178,32 @@ def test_store_census_written_block_by_block_and_after_an_interruption(
     np.testing.assert_array_equal(store.read_census(out), want)
     arr = store.open_array(out, "census", mode="r")
     assert arr.chunks == (10, 10)
+
+
+def test_the_fit_never_reads_the_region_census_on_the_client(tmp_path, grid, rows):
+    """How many cells the fit may sample comes from the count run() records at creation;
+    a store without it is refused rather than its whole census read on the client."""
+    from popdask.config import config_from_dict
+    from popdask.pipeline import PipelineError, cell_pick
+
+    path = tmp_path / "census.csv"
+    rows.drop(columns=["x", "y"]).to_csv(path, index=False)
+    out = str(tmp_path / "s.zarr")
+    cfg = config_from_dict(
+        {
+            "region": {"bbox": list(grid.bounds)},
+            "grid": {"tile": 1000},
+            "stac": {"url": "http://127.0.0.1:1"},
+            "sources": {"sentinel2": {"collection": "s2", "datetime": "2021", "assets": ["B04"]}},
+            "census": {"path": str(path), "column": "T"},
+            "output": {"path": out},
+            "regression": {"fit_cells": 100},
+        }
+    )
+    with stage(path, grid, column="T") as staged:
+        store.create(out, grid, bands=["B02"], kinds=["reflectance"], census=staged, attrs={})
+        known = staged.finite_cells
+    with pytest.raises(PipelineError, match="census_known_cells"):
+        cell_pick(cfg, grid)
+    store.update_attrs(out, {"census_known_cells": known})
+    assert cell_pick(cfg, grid).share == pytest.approx(100 / known)
