@@ -26,7 +26,15 @@ from matplotlib.colors import SymLogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["Window", "choose_windows", "export_quicklook", "quicklook", "r_squared", "scatter"]
+__all__ = [
+    "Window",
+    "choose_windows",
+    "choose_windows_blockwise",
+    "export_quicklook",
+    "quicklook",
+    "r_squared",
+    "scatter",
+]
 
 #: A window: (xmin, ymin, xmax, ymax) in metres of the dataset's CRS (EPSG:3035).
 Window = tuple[float, float, float, float]
@@ -118,6 +126,30 @@ def choose_windows(
         # Blocks starting within (wy, wx) of this one would overlap it.
         available[max(0, i - wy + 1) : i + wy, max(0, j - wx + 1) : j + wx] = False
     return windows
+
+
+def choose_windows_blockwise(
+    census: xr.DataArray, n: int = 3, window: float = 5000.0, block: int = 100
+) -> list[Window]:
+    """:func:`choose_windows` over a census of any size, loading ``block`` × ``block`` cells
+    at a time (a lazy census is never loaded whole): each block's best windows inside it,
+    then the ``n`` whose census totals are largest."""
+    census = census.transpose("y_cell", "x_cell")
+    ny, nx = census.shape
+    side = max(1, math.ceil(window / _cell_size(np.asarray(census["x_cell"].values))))
+    block = max(block, 2 * side)
+    best: list[tuple[float, Window]] = []
+    for r0 in range(0, ny, block):
+        for c0 in range(0, nx, block):
+            sub = census.isel(y_cell=slice(r0, r0 + block), x_cell=slice(c0, c0 + block)).load()
+            for w in choose_windows(sub, n, window):
+                inside = sub.where(
+                    (sub.x_cell > w[0]) & (sub.x_cell < w[2]) & (sub.y_cell > w[1])
+                    & (sub.y_cell < w[3])
+                )  # fmt: skip
+                best.append((float(inside.sum()), w))
+            best = sorted(best, key=lambda tw: -tw[0])[:n]
+    return [w for _, w in best]
 
 
 def _region_bounds(ds: xr.Dataset) -> Window:
@@ -307,7 +339,7 @@ def quicklook(
 
     bounds = _region_bounds(ds)
     if windows is None:
-        wins = choose_windows(ds["census"], n_windows, window)
+        wins = choose_windows_blockwise(ds["census"], n_windows, window)
         wins = [_clip_window(w, bounds) for w in wins]
     else:
         wins = [_clip_window(w, bounds) for w in windows]

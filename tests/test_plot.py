@@ -187,3 +187,27 @@ def test_scatter_and_r_squared(tmp_path: Path) -> None:
     assert np.isnan(r_squared([1.0], [1.0]))
     with pytest.raises(ValueError, match="shape"):
         scatter([1, 2], [1, 2, 3], tmp_path / "bad.png")
+
+
+def test_choose_windows_blockwise_loads_a_block_at_a_time() -> None:
+    """Over a lazy census of 5 x 5 blocks, the windows of the most populated places are the
+    same as choose_windows finds on the whole array, and no load is larger than a block."""
+    import dask.array as da
+
+    from popdask.plot import choose_windows_blockwise
+
+    rng = np.random.default_rng(2)
+    values = rng.gamma(0.3, 20.0, (50, 50))
+    for i, j, v in ((3, 4, 5e4), (27, 31, 3e4), (44, 12, 2e4)):  # three towns inside blocks
+        values[i - 1 : i + 2, j - 1 : j + 2] += v
+    census = _census_da(values)
+    loads = []
+
+    def spy(block):
+        loads.append(block.size)
+        return block
+
+    lazy = census.copy(data=da.from_array(values, chunks=10).map_blocks(spy))
+    got = choose_windows_blockwise(lazy, 3, 3000.0, block=10)
+    assert got == choose_windows(census, 3, 3000.0)
+    assert loads and max(loads) <= 100  # never more than a block of 10 x 10 cells
