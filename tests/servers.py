@@ -716,6 +716,7 @@ class FaultyProxy:
         host = urlsplit(target)
         self.match, self.every, self.always = re.compile(match), every, set()
         self.refused: Counter = Counter()
+        self.requests: list[tuple[str, str]] = []  # every request: (method, path)
         self.seen = 0
         lock, proxy = threading.Lock(), self
 
@@ -772,6 +773,7 @@ class FaultyProxy:
 
         path = path.split("?")[0]
         with lock:
+            self.requests.append((method, path))
             if any(m == method and re.search(p, path) for m, p in self.always):
                 self.refused[(method, path)] += 1
                 return True

@@ -465,7 +465,10 @@ def test_object_store_faults_during_the_passes_are_retried_or_fail_their_tile_an
         # rely on botocore's retries only: the passing faults stop too)
         proxy.always.clear()
         proxy.every = 0
+        since = len(proxy.requests)
         assert cli.main(argv) == 0
+        puts = {p.split("/")[3] for m, p in proxy.requests[since:] if m == "PUT"}
+        assert "population" in puts and not puts & {"composite", "cluster"}  # predict only
         _assert_same_store(url, clean_run.parent / "out.zarr", so)
         assert store.root_attrs(url, so)["failed_predict"] == {}
     finally:
