@@ -250,6 +250,10 @@ class ModelConfig(_Model):
     clusters: int = Field(150, ge=2)
     sample_pixels: int = Field(300_000, gt=0)
     seed: int = 0
+    #: PCA scores divided by their standard deviation before the k-means (popdask.model)
+    whiten: bool = True
+    #: "lloyd" (full-batch, on the sample) or "minibatch" (dask-ml Incremental)
+    kmeans: Literal["lloyd", "minibatch"] = "minibatch"
 
 
 class RegressionConfig(_Model):

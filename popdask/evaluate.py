@@ -232,6 +232,26 @@ def fit_cells(
     return out
 
 
+def repeated_cv(x, y, groups, n_splits: int, repeats: int, fit_options=None) -> dict[str, Any]:
+    """R² and MAE of the fit over ``repeats`` shuffled group splits: mean and spread (sd).
+
+    One `regression.cross_validate` is one assignment of groups to folds; its score moves
+    with the assignment alone (`popdask.protocol`), so a figure is quoted with that spread.
+    """
+    from popdask import protocol
+
+    known = np.isfinite(y) & (y >= 0)
+    folds = protocol.repeated_group_folds(groups[known], n_splits, repeats, seed=0)
+    xk, yk, gk = x[known], y[known], groups[known]
+    opts = dict(fit_options or {})
+
+    def method(train: np.ndarray) -> np.ndarray:
+        return xk @ regression.fit_densities(xk[train], yk[train], gk[train], **opts)
+
+    s = protocol.summary(yk, protocol.cross_predict(method, folds))
+    return {"repeats": int(repeats), **{k: v for k, v in s.items() if k.endswith(("_mean", "_sd"))}}
+
+
 # --------------------------------------------------------------------------------------------
 # Coarse to fine
 # --------------------------------------------------------------------------------------------
@@ -518,6 +538,7 @@ def evaluate_cells(
     fit_options: Mapping[str, Any] | None = None,
     n_clusters: int | None = None,
     coarse_columns: Sequence[int] | None = None,
+    repeats: int = 10,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The cell-level protocol (1 km fit, bias by class, coarse to fine) on arrays.
 
@@ -546,6 +567,9 @@ def evaluate_cells(
     coarse_columns : sequence of int, optional
         Columns the coarse-to-fine protocol fits (default: all). The run's context term is
         painted with densities fitted on the 1 km census, which that protocol must not see.
+    repeats : int, default 10
+        Shuffled group splits of the repeated cross-validation (`popdask.protocol`): its
+        mean and spread are ``fit_1km.cv_repeated``; 0 leaves it out.
 
     Returns
     -------
@@ -586,6 +610,10 @@ def evaluate_cells(
         },
         "coarse_to_fine": {},
     }
+    if repeats > 0 and fit["n_splits"] >= 2:
+        report["fit_1km"]["cv_repeated"] = repeated_cv(
+            fr.reshape(-1, k), y.ravel(), groups.ravel(), fit["n_splits"], repeats, fit_options
+        )
     for f in coarse_factors:
         per = max(1, round(cells_per_block / f))  # groups of about the 1 km groups' size
         res = coarse_to_fine(

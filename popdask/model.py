@@ -39,7 +39,8 @@ class PixelModel:
     components: np.ndarray  # (n_components, n_features) PCA axes (standardised space)
     pca_mean: np.ndarray  # (n_features,)
     explained_variance: np.ndarray  # (n_components,)
-    centroids: np.ndarray  # (n_clusters, n_components) in whitened PCA space
+    centroids: np.ndarray  # (n_clusters, n_components) in (whitened) PCA space
+    whiten: bool = True  # PCA scores divided by their standard deviation before k-means
 
     @property
     def n_clusters(self) -> int:
@@ -55,7 +56,8 @@ class PixelModel:
     def _affine(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Standardise → PCA → whiten folded into ``p = x @ w + b``, and the k-means
         distance folded into ``x @ a + c`` (= ``||p − centroid||² − ||p||²``), float32."""
-        scale = 1.0 / np.sqrt(self.explained_variance)
+        ev = self.explained_variance
+        scale = 1.0 / np.sqrt(ev) if self.whiten else np.ones_like(ev)
         w = (self.components / self.std).T * scale  # (n_features, n_components)
         b = -((self.mean / self.std + self.pca_mean) @ self.components.T) * scale
         cen = self.centroids
@@ -118,7 +120,11 @@ class PixelModel:
             k: np.asarray(getattr(self, k), dtype=np.float64)
             for k in ("mean", "std", "components", "pca_mean", "explained_variance", "centroids")
         }
-        return arrays, {"bands": list(self.bands), "kinds": list(self.kinds)}
+        return arrays, {
+            "bands": list(self.bands),
+            "kinds": list(self.kinds),
+            "whiten": bool(self.whiten),
+        }
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], attrs: dict) -> PixelModel:
@@ -130,6 +136,7 @@ class PixelModel:
         return cls(
             bands=tuple(attrs["bands"]),
             kinds=tuple(attrs["kinds"]),
+            whiten=bool(attrs.get("whiten", True)),  # stores before 0.x: always whitened
             **{k: np.asarray(v) for k, v in arrays.items() if k in cls.__dataclass_fields__},
         )
 
@@ -140,6 +147,7 @@ class PixelModel:
             "bands": list(self.bands),
             "components": int(self.components.shape[0]),
             "clusters": self.n_clusters,
+            "whiten": bool(self.whiten),
             "explained_variance_ratio": float(ev.sum() / max(self.std.size, 1)),
         }
 
@@ -200,6 +208,14 @@ def _fit_kmeans(p: np.ndarray, clusters: int, *, seed: int, block_rows: int, epo
     return np.asarray(km.estimator_.cluster_centers_, dtype=np.float64)
 
 
+def _fit_lloyd(p: np.ndarray, clusters: int, *, seed: int) -> np.ndarray:
+    """Full-batch (Lloyd) k-means of scikit-learn on the in-memory sample: the centroids."""
+    from sklearn.cluster import KMeans
+
+    km = KMeans(n_clusters=clusters, n_init=1, random_state=seed).fit(p)
+    return np.asarray(km.cluster_centers_, dtype=np.float64)
+
+
 def fit_model(
     samples: np.ndarray,
     bands: Sequence[str],
@@ -208,6 +224,8 @@ def fit_model(
     components: int = 10,
     clusters: int = 150,
     seed: int = 0,
+    whiten: bool = True,
+    kmeans: str = "minibatch",
     block_rows: int = 50_000,
     epochs: int = 3,
 ) -> PixelModel:
@@ -225,6 +243,12 @@ def fit_model(
         k-means clusters.
     seed
         Random state of the k-means.
+    whiten
+        Divide the PCA scores by their standard deviation before the k-means (every
+        component then weighs alike in the distances, the noisy last ones too).
+    kmeans
+        ``"lloyd"``: scikit-learn's full-batch k-means on the sample; ``"minibatch"``:
+        dask-ml ``Incremental(MiniBatchKMeans)`` over blocks of it (``epochs`` passes).
     block_rows
         Rows per dask block (one mini-batch of the k-means per block and epoch).
     epochs
@@ -256,8 +280,15 @@ def fit_model(
     # to (the same model bit for bit; benchmarks/README.md).
     with dask.config.set(scheduler="sync"):
         comps, pmean, ev = _fit_pca(z, n_comp, block_rows)
-        p = ((z - pmean) @ comps.T) / np.sqrt(ev)
-        centroids = _fit_kmeans(p, clusters, seed=seed, block_rows=block_rows, epochs=epochs)
+        p = (z - pmean) @ comps.T
+        if whiten:
+            p /= np.sqrt(ev)
+        if kmeans == "lloyd":
+            centroids = _fit_lloyd(p, clusters, seed=seed)
+        elif kmeans == "minibatch":
+            centroids = _fit_kmeans(p, clusters, seed=seed, block_rows=block_rows, epochs=epochs)
+        else:
+            raise ValueError(f"kmeans must be 'lloyd' or 'minibatch', got {kmeans!r}")
     model = PixelModel(
         bands=tuple(bands),
         kinds=kinds,
@@ -267,6 +298,7 @@ def fit_model(
         pca_mean=pmean,
         explained_variance=ev,
         centroids=centroids,
+        whiten=bool(whiten),
     )
     log.info(
         "model: %d pixels, %d features -> %d components (%.0f %% variance) -> %d clusters",

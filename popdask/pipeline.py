@@ -382,7 +382,14 @@ def fit_pass(client: Client, cfg: Config, grid: Grid) -> PixelModel:
     bands = [str(b) for b in store.open_array(path, "band", so, mode="r")[...]]
     kinds = store.band_kinds(path, so)
     model = fit_model(
-        samples, bands, kinds, components=m.components, clusters=m.clusters, seed=m.seed
+        samples,
+        bands,
+        kinds,
+        components=m.components,
+        clusters=m.clusters,
+        seed=m.seed,
+        whiten=m.whiten,
+        kmeans=m.kmeans,
     )
     arrays, attrs = model.to_arrays()
     store.save_arrays(path, "model", arrays, {**attrs, "sample_pixels": len(samples)}, so)

@@ -119,3 +119,13 @@ def test_nnls_densities_recovers_non_negative_densities():
     x = rng.dirichlet(np.ones(6), 300)
     w = np.array([0.0, 100.0, 2000.0, 0.0, 50.0, 500.0])
     assert np.allclose(protocol.nnls_densities(x, x @ w), w, atol=1e-6)
+
+
+def test_evaluate_reports_the_spread_of_repeated_splits():
+    from popdask.evaluate import repeated_cv
+
+    rng = np.random.default_rng(0)
+    x = rng.dirichlet(np.ones(5), 200)
+    y = rng.poisson(x @ np.array([0.0, 50.0, 500.0, 20.0, 5.0])).astype(float)
+    res = repeated_cv(x, y, np.arange(200) // 10, 5, 4)
+    assert res["repeats"] == 4 and res["r2_sd"] > 0 and 0.5 < res["r2_mean"] <= 1
