@@ -185,23 +185,28 @@ def print_table(tables: list[dict]) -> dict:
         print(f"| {v} | " + " | ".join(cells) + " |")
     decisions = {}
     print(
-        "\n| refinement | on | 100 m R² gain / spread per region | adopted | 1 km MAE gain / "
-        "spread | adopted |"
+        "\n| refinement | on | gain / spread per region: 100 m R² | 1 km CV R² | 1 km MAE "
+        "| adopted |"
     )
     print("|---|---|---|---|---|---|")
+    metrics = (("100m", True), ("cv_r2", True), ("cv_mae", False))
     for v, base in STEPS.items():
         have = [r for r, rows in regions.items() if v in rows and base in rows]
         if not have:
             continue
         row = {}
-        for metric, hib in (("100m", True), ("cv_mae", False)):
+        for metric, hib in metrics:
             a = {r: _per_seed(regions[r][base], metric) for r in have}
             b = {r: _per_seed(regions[r][v], metric) for r in have}
             row[metric] = protocol.adopt(a, b, higher_is_better=hib)
-        decisions[v] = row
-        g1 = ", ".join(f"{x:+.1f}" for x in row["100m"][1].values())
-        g2 = ", ".join(f"{x:+.1f}" for x in row["cv_mae"][1].values())
-        print(f"| {v} | {base} | {g1} | {row['100m'][0]} | {g2} | {row['cv_mae'][0]} |")
+        # wins at 100 m or at 1 km by more than the spread, and loses by more on no region
+        win = row["100m"][0] or row["cv_r2"][0]
+        harm = any(g < -1.0 for m in ("100m", "cv_r2") for g in row[m][1].values())
+        # (adopt() already refuses a metric with a loss beyond the spread; a win at one scale
+        # must not come with such a loss at the other)
+        decisions[v] = {"adopted": bool(win and not harm), **{m: row[m][1] for m in row}}
+        cells = [", ".join(f"{x:+.1f}" for x in row[m][1].values()) for m, _ in metrics]
+        print(f"| {v} | {base} | " + " | ".join(cells) + f" | {decisions[v]['adopted']} |")
     return decisions
 
 

@@ -61,7 +61,7 @@ def demo_config(
             },
         },
         "census": {"path": str(region.census), "column": "TOT_P_2021"},
-        "model": {"components": 12, "clusters": 100, "sample_pixels": 200_000, "seed": 0},
+        "model": {"sample_pixels": 200_000, "seed": 0},
         "regression": {"rescale": True},
         "output": {"path": str(out_dir / "popdask-demo.zarr")},
         "cluster": {"kind": "local", "workers": 2, "threads_per_worker": 1},

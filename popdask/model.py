@@ -41,6 +41,7 @@ class PixelModel:
     explained_variance: np.ndarray  # (n_components,)
     centroids: np.ndarray  # (n_clusters, n_components) in (whitened) PCA space
     whiten: bool = True  # PCA scores divided by their standard deviation before k-means
+    transform: str = "log"  # the feature transform (popdask.features)
 
     @property
     def n_clusters(self) -> int:
@@ -67,7 +68,7 @@ class PixelModel:
 
     def _features(self, values: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
         """Features with missing radar/lights imputed by the mean, and which pixels are valid."""
-        x = transform(values, self.kinds, axis=axis)
+        x = transform(values, self.kinds, axis=axis, kind=self.transform)
         xb = np.moveaxis(x, axis, 0)
         valid = np.isfinite(xb[self.required]).all(axis=0)
         mean = self.mean.astype(np.float32).reshape((-1,) + (1,) * (xb.ndim - 1))
@@ -124,6 +125,7 @@ class PixelModel:
             "bands": list(self.bands),
             "kinds": list(self.kinds),
             "whiten": bool(self.whiten),
+            "transform": self.transform,
         }
 
     @classmethod
@@ -136,7 +138,9 @@ class PixelModel:
         return cls(
             bands=tuple(attrs["bands"]),
             kinds=tuple(attrs["kinds"]),
-            whiten=bool(attrs.get("whiten", True)),  # stores before 0.x: always whitened
+            # stores of earlier versions: log features, always whitened
+            whiten=bool(attrs.get("whiten", True)),
+            transform=str(attrs.get("transform", "log")),
             **{k: np.asarray(v) for k, v in arrays.items() if k in cls.__dataclass_fields__},
         )
 
@@ -221,11 +225,12 @@ def fit_model(
     bands: Sequence[str],
     kinds: Sequence[str],
     *,
-    components: int = 10,
-    clusters: int = 150,
+    components: int = 12,
+    clusters: int = 30,
     seed: int = 0,
-    whiten: bool = True,
-    kmeans: str = "minibatch",
+    whiten: bool = False,
+    kmeans: str = "lloyd",
+    features: str = "raw",
     block_rows: int = 50_000,
     epochs: int = 3,
 ) -> PixelModel:
@@ -249,6 +254,8 @@ def fit_model(
     kmeans
         ``"lloyd"``: scikit-learn's full-batch k-means on the sample; ``"minibatch"``:
         dask-ml ``Incremental(MiniBatchKMeans)`` over blocks of it (``epochs`` passes).
+    features
+        The feature transform, ``"log"`` or ``"raw"`` (:mod:`popdask.features`).
     block_rows
         Rows per dask block (one mini-batch of the k-means per block and epoch).
     epochs
@@ -259,7 +266,7 @@ def fit_model(
     PixelModel
     """
     kinds = tuple(kinds)
-    x = transform(np.ascontiguousarray(samples.T), kinds, axis=0).T  # bands contiguous
+    x = transform(np.ascontiguousarray(samples.T), kinds, axis=0, kind=features).T
     required = np.array([k == REFLECTANCE for k in kinds])
     x = x[np.isfinite(x[:, required]).all(axis=1)]
     if x.shape[0] < max(clusters * 10, 1000):
@@ -299,6 +306,7 @@ def fit_model(
         explained_variance=ev,
         centroids=centroids,
         whiten=bool(whiten),
+        transform=features,
     )
     log.info(
         "model: %d pixels, %d features -> %d components (%.0f %% variance) -> %d clusters",

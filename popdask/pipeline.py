@@ -390,6 +390,7 @@ def fit_pass(client: Client, cfg: Config, grid: Grid) -> PixelModel:
         seed=m.seed,
         whiten=m.whiten,
         kmeans=m.kmeans,
+        features=m.features,
     )
     arrays, attrs = model.to_arrays()
     store.save_arrays(path, "model", arrays, {**attrs, "sample_pixels": len(samples)}, so)

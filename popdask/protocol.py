@@ -138,7 +138,8 @@ def adopt(
     *,
     higher_is_better: bool = True,
 ) -> tuple[bool, dict[str, float]]:
-    """The decision rule: is ``refined`` better than ``simple`` by more than the spread?
+    """The decision rule: does ``refined`` beat ``simple`` across regions by more than the
+    spread?
 
     Parameters
     ----------
@@ -150,20 +151,26 @@ def adopt(
     Returns
     -------
     (adopted, gains)
-        ``gains`` per region: mean paired gain divided by the spread (the larger standard
-        deviation of the two methods' scores over the repeats). ``adopted`` when the mean
-        gain over the regions exceeds one spread and no region loses more than one.
+        ``gains`` per region: the mean paired gain divided by the region's spread (the larger
+        standard deviation of the two methods over the repeats). ``adopted`` when the gain
+        averaged over the regions exceeds the spread averaged over them (both in the score's
+        units, so a region whose spread happens to be tiny does not decide alone) and no
+        region loses more than its own spread.
     """
-    gains = {}
+    gains, diffs, spreads = {}, [], []
     for region, a in simple.items():
         a, b = np.asarray(a, np.float64), np.asarray(refined[region], np.float64)
-        d = (b - a) if higher_is_better else (a - b)
-        spread = max(a.std(ddof=1) if len(a) > 1 else 0.0, b.std(ddof=1) if len(b) > 1 else 0.0)
-        gains[region] = (
-            float(d.mean() / spread) if spread > 0 else float(np.sign(d.mean()) * np.inf)
-        )
-    g = np.array(list(gains.values()))
-    return bool(g.mean() > 1.0 and (g > -1.0).all()), gains
+        d = float(((b - a) if higher_is_better else (a - b)).mean())
+        spread = max(_sd(a), _sd(b))
+        gains[region] = d / spread if spread > 0 else float(np.sign(d) * np.inf)
+        diffs.append(d)
+        spreads.append(spread)
+    adopted = np.mean(diffs) > np.mean(spreads) and min(gains.values()) >= -1.0
+    return bool(adopted), gains
+
+
+def _sd(v: np.ndarray) -> float:
+    return float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
 def nnls_densities(x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -598,7 +598,7 @@ def valley_config(region: syn.DemoRegion, stac_url: str, out: Path, **model: Any
             },
         },
         "census": {"path": str(region.census), "column": "TOT_P_2021"},
-        "model": {"components": 12, "clusters": 100, "sample_pixels": 200_000, "seed": 0, **model},
+        "model": {"sample_pixels": 200_000, "seed": 0, **model},
         "regression": {"rescale": True},
         "output": {"path": str(out)},
         "cluster": {"kind": "local", "workers": 2, "threads_per_worker": 1},

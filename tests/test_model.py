@@ -29,6 +29,10 @@ def test_transform_kinds():
     assert np.isnan(out[1, 0]) and out[1, 1] == -35.0 and out[1, 2] == 0.0
     with pytest.raises(ValueError, match="kinds"):
         transform(v, ["reflectance"], axis=-1)
+    raw = transform(v, ["reflectance", "backscatter_db", "radiance"], axis=-1, kind="raw")
+    np.testing.assert_array_equal(raw, np.float32([[0.1, -12.0, 3.0], [np.nan, -35.0, -1.0]]))
+    with pytest.raises(ValueError, match="transform"):
+        transform(v, ["reflectance", "backscatter_db", "radiance"], axis=-1, kind="sqrt")
 
 
 def test_fit_recovers_land_cover_types(blobs):
@@ -104,14 +108,15 @@ def test_full_batch_kmeans_with_or_without_whitening(tmp_path, blobs, whiten):
     pred = m.predict(x)
     assert sum(np.bincount(pred[lab == k]).max() for k in range(6)) / lab.size > 0.97
     p, _ = m.project(x[:2000])
-    z = (transform(x[:2000], KINDS, axis=-1) - m.mean) / m.std
+    z = (transform(x[:2000], KINDS, axis=-1, kind=m.transform) - m.mean) / m.std
     q = (z - m.pca_mean) @ m.components.T
     np.testing.assert_allclose(p, q / np.sqrt(m.explained_variance) if whiten else q, atol=1e-3)
     arrays, attrs = m.to_arrays()
     assert attrs["whiten"] is whiten
     back = PixelModel.from_arrays(arrays, json.loads(json.dumps(attrs)))
     np.testing.assert_array_equal(back.predict(x[:1000]), pred[:1000])
-    legacy = PixelModel.from_arrays(arrays, {k: v for k, v in attrs.items() if k != "whiten"})
-    assert legacy.whiten is True
+    old = {k: v for k, v in attrs.items() if k not in ("whiten", "transform")}
+    legacy = PixelModel.from_arrays(arrays, old)
+    assert legacy.whiten is True and legacy.transform == "log"
     with pytest.raises(ValueError, match="kmeans"):
         fit_model(x, BANDS, KINDS, clusters=6, kmeans="elkan")

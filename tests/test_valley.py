@@ -111,6 +111,10 @@ def test_adopt_needs_a_gain_larger_than_the_spread():
     assert not protocol.adopt(simple, small)[0]
     assert protocol.adopt(simple, large)[0]
     assert not protocol.adopt(simple, mixed)[0]  # one region loses by more than its spread
+    # a large gain on one region whose spread is tiny does not decide alone
+    tiny = {"a": [0.5, 0.5001, 0.5002], "b": [0.70, 0.80, 0.75]}
+    jump = {"a": [0.52, 0.5201, 0.5202], "b": [0.70, 0.80, 0.75]}
+    assert protocol.adopt(tiny, jump)[1]["a"] > 100 and not protocol.adopt(tiny, jump)[0]
     assert protocol.adopt({"a": [600.0, 620.0]}, {"a": [500.0, 520.0]}, higher_is_better=False)[0]
 
 
