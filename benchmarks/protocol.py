@@ -73,6 +73,9 @@ def real_methods(x: np.ndarray, y: np.ndarray, g: np.ndarray) -> dict:
     return {
         "plain NNLS": nnls,
         "prototype ElasticNetCV": prototype,
+        "ridge NNLS committee": lambda t: (
+            x @ regression.fit_densities(x[t], y[t], g[t], loss="squared", alpha=None)
+        ),
         "quasi-Poisson committee": poisson,
         "robust L1 committee": lambda t: (
             x @ regression.fit_densities(x[t], y[t], g[t], loss="absolute")
@@ -136,6 +139,7 @@ STEPS = {
             "k = 100",
             "6 components",
             "+ quasi-Poisson",
+            "+ ridge NNLS committee",
             "+ intensity",
             "+ context",
             "+ context, linear",

@@ -8,8 +8,9 @@ per region. A variant is a dict of settings (`PLAIN` and the `VARIANTS` built on
 ``whiten``     divide the PCA scores by their standard deviation
 ``kmeans``     ``"lloyd"`` (scikit-learn KMeans) or ``"minibatch"`` (popdask's dask-ml fit)
 ``components``, ``clusters``
-``fit``        ``"nnls"`` (plain non-negative least squares) or ``"poisson"``
-               (`regression.fit_densities`, the quasi-Poisson committee)
+``fit``        ``"nnls"`` (plain non-negative least squares), ``"ridge"`` (ridge NNLS
+               committee) or ``"poisson"`` (the quasi-Poisson committee; both
+               `regression.fit_densities`)
 ``terms``      covariates (`popdask.terms`): ``intensity``, ``context``; ``saturate`` False
                gives the linear context
 
@@ -77,6 +78,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "k = 100": _v(clusters=100),
     "6 components": _v(components=6),
     "+ quasi-Poisson": _v(fit="poisson"),
+    "+ ridge NNLS committee": _v(fit="ridge"),
     "+ intensity": _v(terms=("intensity",)),
     "+ context": _v(terms=("context",)),
     "+ context, linear": _v(terms=("context",), saturate=False),
@@ -269,6 +271,10 @@ class Design:
         t = train & self.known
         if self.s["fit"] == "nnls":
             return protocol.nnls_densities(x[t], self.y[t])
+        if self.s["fit"] == "ridge":  # ridge NNLS, strength by inner grouped CV (a committee)
+            return regression.fit_densities(
+                x[t], self.y[t], self.groups[t], loss="squared", alpha=None
+            )
         return regression.fit_densities(x[t], self.y[t], self.groups[t])
 
     def layers(self, train: np.ndarray) -> np.ndarray | None:

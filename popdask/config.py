@@ -263,6 +263,9 @@ class ModelConfig(_Model):
 
 class RegressionConfig(_Model):
     rescale: bool = True
+    #: the densities fit (popdask.regression.fit_densities): "squared" = plain NNLS, the
+    #: protocol's default; "poisson" (quasi-Poisson committee), "absolute" (robust L1)
+    loss: Literal["squared", "poisson", "absolute"] = "squared"
     smooth_sigma: float = Field(3.0, ge=0)
     min_valid: float = Field(0.5, ge=0, le=1)
     #: covariates that let a cluster's density vary per pixel (popdask.terms); none by

@@ -935,7 +935,10 @@ def evaluate(
         stored_dens = np.asarray(reg["densities"], dtype=np.float64)
     except KeyError:
         reg, reg_attrs, stored_dens = {}, {}, None
-    min_valid = float(((attrs.get("config") or {}).get("regression") or {}).get("min_valid", 0.5))
+    run_reg = (attrs.get("config") or {}).get("regression") or {}
+    min_valid = float(run_reg.get("min_valid", 0.5))
+    if fit_options is None:  # the run's own fit (stores before it was configurable: poisson)
+        fit_options = {"loss": run_reg.get("loss", "poisson")}
     run_terms = list(reg_attrs.get("terms") or [])
     k = int(reg_attrs.get("n_clusters") or _n_clusters(path, so, stored_dens, attrs))
     stored_terms = (_store.term_names(path, so) or []) if run_terms else []

@@ -552,7 +552,7 @@ def density_fit(
     def cross_validate(x) -> regression.CVResult:
         nonlocal cv_s
         t = time.perf_counter()
-        res = regression.cross_validate(x, pop, groups, n_splits=n_splits)
+        res = regression.cross_validate(x, pop, groups, n_splits=n_splits, loss=loss)
         cv_s += time.perf_counter() - t
         return res
 
@@ -564,7 +564,9 @@ def density_fit(
         W = [rows.columns[k] / np.float32(s) for k, s in zip(keys, scale, strict=True)]
         return np.hstack([F, *(w.astype(np.float64) for w in W)]), scale
 
-    pilot, scale, X, with_terms = regression.fit_densities(F, pop, groups), None, F, None
+    loss = cfg.regression.loss
+    pilot = regression.fit_densities(F, pop, groups, loss=loss)
+    scale, X, with_terms = None, F, None
     plain = cross_validate(F) if n_groups >= 2 else None
     cv = cv_plain = None if plain is None else plain.scores
     if names and cv is None:
@@ -600,7 +602,7 @@ def density_fit(
                 cv["mae"],
             )
             names, scale = [], None
-    densities = pilot if X is F else regression.fit_densities(X, pop, groups)
+    densities = pilot if X is F else regression.fit_densities(X, pop, groups, loss=loss)
     fit_s = time.perf_counter() - t0 - cv_s
     insample = regression.scores(pop, regression.predict_cells(X, densities))
     arrays = {

@@ -98,6 +98,9 @@ def test_terms_default_and_what_the_bands_allow():
 
     # no term by default (the accuracy protocol adopted neither); both stay available
     assert config_from_dict(BASE).regression.terms == []
+    assert config_from_dict(BASE).regression.loss == "squared"  # plain NNLS
+    with pytest.raises(ConfigError, match="loss"):
+        config_from_dict({**BASE, "regression": {"loss": "huber"}})
     cfg = config_from_dict({**BASE, "regression": {"terms": ["intensity", "context"]}})
     assert cfg.regression.context_radius == 200.0
     s2, s1, lights = ["reflectance"] * 11, ["backscatter_db"] * 2, ["radiance"]
