@@ -10,7 +10,7 @@ contract of DESIGN.md ("Run configuration")::
     sources:
       sentinel2: {collection: sentinel-2-l2a, datetime: 2019-06-01/2022-10-31, ...}
     census: {path: grid_1km.gpkg, column: TOT_P_2021}   # absent cells are 0 (see CensusConfig)
-    model: {components: 10, clusters: 150, sample_pixels: 300000, seed: 0}
+    model: {components: 12, clusters: 30, sample_pixels: 300000, seed: 0}
     regression: {rescale: true}
     output: {path: out.zarr, storage_options: {}}
     cluster: {kind: local}

@@ -887,7 +887,9 @@ def evaluate(
     coarse : sequence of float, default (2000, 5000)
         Block sides in metres of the coarse-to-fine protocol (multiples of the cell).
     fit_options : mapping, optional
-        Options of `popdask.regression.fit_densities` (default: the run's defaults).
+        Options of `popdask.regression.fit_densities` (default: the run's `regression.loss`
+        when the store records it, else the current default; a store written before it was
+        configurable was fitted with `{"loss": "poisson"}`).
     json_path : str or pathlib.Path, optional
         Write the report there as JSON (``evaluation.json``).
     max_cells : int, default `popdask.evalsample.MAX_CELLS`
@@ -937,8 +939,8 @@ def evaluate(
         reg, reg_attrs, stored_dens = {}, {}, None
     run_reg = (attrs.get("config") or {}).get("regression") or {}
     min_valid = float(run_reg.get("min_valid", 0.5))
-    if fit_options is None:  # the run's own fit (stores before it was configurable: poisson)
-        fit_options = {"loss": run_reg.get("loss", "poisson")}
+    if fit_options is None and "loss" in run_reg:  # the run's own fit; else the default
+        fit_options = {"loss": run_reg["loss"]}
     run_terms = list(reg_attrs.get("terms") or [])
     k = int(reg_attrs.get("n_clusters") or _n_clusters(path, so, stored_dens, attrs))
     stored_terms = (_store.term_names(path, so) or []) if run_terms else []

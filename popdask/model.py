@@ -242,7 +242,7 @@ def fit_model(
     block_rows: int = 50_000,
     epochs: int = 3,
 ) -> PixelModel:
-    """Fit standardisation, whitened IncrementalPCA and mini-batch k-means on a pixel sample.
+    """Fit the feature transform, standardisation, IncrementalPCA and k-means on a pixel sample.
 
     Parameters
     ----------

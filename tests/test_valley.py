@@ -133,3 +133,24 @@ def test_evaluate_reports_the_spread_of_repeated_splits():
     y = rng.poisson(x @ np.array([0.0, 50.0, 500.0, 20.0, 5.0])).astype(float)
     res = repeated_cv(x, y, np.arange(200) // 10, 5, 4)
     assert res["repeats"] == 4 and res["r2_sd"] > 0 and 0.5 < res["r2_mean"] <= 1
+
+
+def test_valley_assets_composite_through_the_earth_search_preset(region, tmp_path):
+    """A tile's composite from the loopback STAC API, as a run's composite task makes it:
+    every band present, reflectances physical (the Earth Search offsets and the harmonised
+    items applied alike), both orbits' granules kept."""
+    from popdask import catalog
+    from popdask.stac_server import StacServer
+
+    with StacServer(list(region.collections.values()), list(region.items.values())) as server:
+        out = tmp_path / "o.zarr"
+        cfg = config_from_dict(valley.valley_config(region, server.url, out))
+        tile = cfg.make_grid().tiles()[0]
+        data, summary = catalog.composite_tile(
+            catalog.sources_of(cfg), tile.bounds, tile_id=tile.id, resolution=20, path=str(out)
+        )
+    assert data.shape == (14, 200, 200) and np.isfinite(data).mean() > 0.95
+    assert summary["sources"]["sentinel2"]["kept"] == 4
+    assert len(summary["sources"]["sentinel2"]["groups"]) == 2  # two orbits
+    red, nir = np.nanmedian(data[3]), np.nanmedian(data[7])
+    assert 0.01 < red < 0.2 and 0.15 < nir < 0.6  # reflectance, not DN or offset DN
