@@ -76,6 +76,7 @@ def real_methods(x: np.ndarray, y: np.ndarray, g: np.ndarray) -> dict:
         "ridge NNLS committee": lambda t: (
             x @ regression.fit_densities(x[t], y[t], g[t], loss="squared", alpha=None)
         ),
+        "NNLS, densities bounded": lambda t: x @ protocol.bounded_densities(x[t], y[t]),
         "quasi-Poisson committee": poisson,
         "robust L1 committee": lambda t: (
             x @ regression.fit_densities(x[t], y[t], g[t], loss="absolute")
@@ -140,6 +141,7 @@ STEPS = {
             "6 components",
             "+ quasi-Poisson",
             "+ ridge NNLS committee",
+            "+ densities bounded",
             "+ intensity",
             "+ context",
             "+ context, linear",

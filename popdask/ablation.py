@@ -79,6 +79,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "6 components": _v(components=6),
     "+ quasi-Poisson": _v(fit="poisson"),
     "+ ridge NNLS committee": _v(fit="ridge"),
+    "+ densities bounded": _v(fit="bounded"),
     "+ intensity": _v(terms=("intensity",)),
     "+ context": _v(terms=("context",)),
     "+ context, linear": _v(terms=("context",), saturate=False),
@@ -271,6 +272,8 @@ class Design:
         t = train & self.known
         if self.s["fit"] == "nnls":
             return protocol.nnls_densities(x[t], self.y[t])
+        if self.s["fit"] == "bounded":  # NNLS with every density ≤ the densest known cell
+            return protocol.bounded_densities(x[t], self.y[t])
         if self.s["fit"] == "ridge":  # ridge NNLS, strength by inner grouped CV (a committee)
             return regression.fit_densities(
                 x[t], self.y[t], self.groups[t], loss="squared", alpha=None

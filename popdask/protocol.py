@@ -21,6 +21,7 @@ from popdask.regression import scores
 
 __all__ = [
     "adopt",
+    "bounded_densities",
     "coarse_to_fine",
     "cross_predict",
     "group_folds",
@@ -179,3 +180,14 @@ def nnls_densities(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
     x = np.asarray(x, np.float64)
     return nnls(x, np.asarray(y, np.float64), maxiter=50 * x.shape[1])[0]
+
+
+def bounded_densities(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares with ``0 ≤ w_k ≤ max(y)``: no cluster holds more people per fully
+    covered cell than the densest cell of the training census (`scipy.optimize.lsq_linear`,
+    bounded-variable least squares)."""
+    from scipy.optimize import lsq_linear
+
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    top = max(float(y.max()), 1.0)
+    return lsq_linear(x, y, bounds=(0.0, top), method="bvls").x
