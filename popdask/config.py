@@ -10,7 +10,7 @@ contract of DESIGN.md ("Run configuration")::
     sources:
       sentinel2: {collection: sentinel-2-l2a, datetime: 2019-06-01/2022-10-31, ...}
     census: {path: grid_1km.gpkg, column: TOT_P_2021}   # absent cells are 0 (see CensusConfig)
-    model: {components: 10, clusters: 150, sample_pixels: 300000, seed: 0}
+    model: {components: 12, clusters: 30, sample_pixels: 300000, seed: 0}
     regression: {rescale: true}
     output: {path: out.zarr, storage_options: {}}
     cluster: {kind: local}
@@ -274,18 +274,31 @@ class MaskConfig(_Model):
 
 
 class ModelConfig(_Model):
+    """The pixel model (popdask.model). Defaults: the plain method, which no refinement beat
+    across the accuracy protocol's regions by more than the spread (benchmarks/README.md)."""
+
     components: int = Field(12, gt=0)
-    clusters: int = Field(150, ge=2)
+    clusters: int = Field(30, ge=2)
     sample_pixels: int = Field(300_000, gt=0)
     seed: int = 0
+    #: PCA scores divided by their standard deviation before the k-means (popdask.model)
+    whiten: bool = False
+    #: "lloyd" (full-batch, on the sample) or "minibatch" (dask-ml Incremental)
+    kmeans: Literal["lloyd", "minibatch"] = "lloyd"
+    #: the feature transform, "raw" or "log" (popdask.features)
+    features: Literal["raw", "log"] = "raw"
 
 
 class RegressionConfig(_Model):
     rescale: bool = True
+    #: the densities fit (popdask.regression.fit_densities): "squared" = plain NNLS, the
+    #: protocol's default; "poisson" (quasi-Poisson committee), "absolute" (robust L1)
+    loss: Literal["squared", "poisson", "absolute"] = "squared"
     smooth_sigma: float = Field(3.0, ge=0)
     min_valid: float = Field(0.5, ge=0, le=1)
-    #: covariates that let a cluster's density vary per pixel (popdask.terms); [] = none
-    terms: list[Literal["intensity", "context"]] = ["intensity", "context"]
+    #: covariates that let a cluster's density vary per pixel (popdask.terms); none by
+    #: default: neither term beat the plain fit across the protocol's regions
+    terms: list[Literal["intensity", "context"]] = []
     #: Gaussian sigma in metres of the neighbourhood of the context term
     context_radius: float = Field(200.0, gt=0)
     #: census cells the densities fit sees at the most (a uniform sample of the known

@@ -65,7 +65,7 @@ def demo_config(
             "column": "TOT_P_2021",
             "columns": list(CENSUS_2021_VARIABLES),  # each one a layer of population_by
         },
-        "model": {"components": 12, "clusters": 100, "sample_pixels": 200_000, "seed": 0},
+        "model": {"sample_pixels": 200_000, "seed": 0},
         "regression": {"rescale": True, "bootstrap": 20},  # intervals: popdask.uncertainty
         "output": {"path": str(out_dir / "popdask-demo.zarr")},
         "cluster": {"kind": "local", "workers": 2, "threads_per_worker": 1},

@@ -232,6 +232,26 @@ def fit_cells(
     return out
 
 
+def repeated_cv(x, y, groups, n_splits: int, repeats: int, fit_options=None) -> dict[str, Any]:
+    """R² and MAE of the fit over ``repeats`` shuffled group splits: mean and spread (sd).
+
+    One `regression.cross_validate` is one assignment of groups to folds; its score moves
+    with the assignment alone (`popdask.protocol`), so a figure is quoted with that spread.
+    """
+    from popdask import protocol
+
+    known = np.isfinite(y) & (y >= 0)
+    folds = protocol.repeated_group_folds(groups[known], n_splits, repeats, seed=0)
+    xk, yk, gk = x[known], y[known], groups[known]
+    opts = dict(fit_options or {})
+
+    def method(train: np.ndarray) -> np.ndarray:
+        return xk @ regression.fit_densities(xk[train], yk[train], gk[train], **opts)
+
+    s = protocol.summary(yk, protocol.cross_predict(method, folds))
+    return {"repeats": int(repeats), **{k: v for k, v in s.items() if k.endswith(("_mean", "_sd"))}}
+
+
 # --------------------------------------------------------------------------------------------
 # Coarse to fine
 # --------------------------------------------------------------------------------------------
@@ -518,6 +538,7 @@ def evaluate_cells(
     fit_options: Mapping[str, Any] | None = None,
     n_clusters: int | None = None,
     coarse_columns: Sequence[int] | None = None,
+    repeats: int = 10,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The cell-level protocol (1 km fit, bias by class, coarse to fine) on arrays.
 
@@ -546,6 +567,9 @@ def evaluate_cells(
     coarse_columns : sequence of int, optional
         Columns the coarse-to-fine protocol fits (default: all). The run's context term is
         painted with densities fitted on the 1 km census, which that protocol must not see.
+    repeats : int, default 10
+        Shuffled group splits of the repeated cross-validation (`popdask.protocol`): its
+        mean and spread are ``fit_1km.cv_repeated``; 0 leaves it out.
 
     Returns
     -------
@@ -586,6 +610,10 @@ def evaluate_cells(
         },
         "coarse_to_fine": {},
     }
+    if repeats > 0 and fit["n_splits"] >= 2:
+        report["fit_1km"]["cv_repeated"] = repeated_cv(
+            fr.reshape(-1, k), y.ravel(), groups.ravel(), fit["n_splits"], repeats, fit_options
+        )
     for f in coarse_factors:
         per = max(1, round(cells_per_block / f))  # groups of about the 1 km groups' size
         res = coarse_to_fine(
@@ -859,7 +887,9 @@ def evaluate(
     coarse : sequence of float, default (2000, 5000)
         Block sides in metres of the coarse-to-fine protocol (multiples of the cell).
     fit_options : mapping, optional
-        Options of `popdask.regression.fit_densities` (default: the run's defaults).
+        Options of `popdask.regression.fit_densities` (default: the run's `regression.loss`
+        when the store records it, else the current default; a store written before it was
+        configurable was fitted with `{"loss": "poisson"}`).
     json_path : str or pathlib.Path, optional
         Write the report there as JSON (``evaluation.json``).
     max_cells : int, default `popdask.evalsample.MAX_CELLS`
@@ -907,7 +937,10 @@ def evaluate(
         stored_dens = np.asarray(reg["densities"], dtype=np.float64)
     except KeyError:
         reg, reg_attrs, stored_dens = {}, {}, None
-    min_valid = float(((attrs.get("config") or {}).get("regression") or {}).get("min_valid", 0.5))
+    run_reg = (attrs.get("config") or {}).get("regression") or {}
+    min_valid = float(run_reg.get("min_valid", 0.5))
+    if fit_options is None and "loss" in run_reg:  # the run's own fit; else the default
+        fit_options = {"loss": run_reg["loss"]}
     run_terms = list(reg_attrs.get("terms") or [])
     k = int(reg_attrs.get("n_clusters") or _n_clusters(path, so, stored_dens, attrs))
     stored_terms = (_store.term_names(path, so) or []) if run_terms else []

@@ -1,8 +1,10 @@
 """The per-pixel feature transform: pure NumPy, applied to composites.
 
-Reflectance is log-transformed with an offset of about the 1st percentile of surface
-reflectance (0.015, i.e. 150 DN), radar is already in dB (clipped to a physical range),
-night-light radiance is log1p-transformed. Standardisation, PCA and k-means live in
+``"log"``: reflectance is log-transformed with an offset of about the 1st percentile of
+surface reflectance (0.015, i.e. 150 DN), radar is already in dB (clipped to a physical
+range), night-light radiance is log1p-transformed. ``"raw"``: the composite values as they
+are (radar clipped alike). Which one a run uses is ``model.transform``: the accuracy
+protocol decides its default (benchmarks/README.md). Standardisation, PCA and k-means live in
 :mod:`popdask.model`.
 """
 
@@ -18,7 +20,12 @@ REFLECTANCE_OFFSET = 0.015
 DB_RANGE = (-35.0, 15.0)
 
 
-def transform(values: np.ndarray, kinds: Sequence[str], *, axis: int = 0) -> np.ndarray:
+TRANSFORMS = ("log", "raw")
+
+
+def transform(
+    values: np.ndarray, kinds: Sequence[str], *, axis: int = 0, kind: str = "log"
+) -> np.ndarray:
     """Turn composite values into features, band by band.
 
     Parameters
@@ -30,6 +37,8 @@ def transform(values: np.ndarray, kinds: Sequence[str], *, axis: int = 0) -> np.
         Kind of each band: ``reflectance``, ``backscatter_db`` or ``radiance``.
     axis
         The band axis.
+    kind
+        ``"log"`` or ``"raw"`` (module docstring).
 
     Returns
     -------
@@ -37,6 +46,8 @@ def transform(values: np.ndarray, kinds: Sequence[str], *, axis: int = 0) -> np.
         float32 features, same shape.
     """
     values = np.asarray(values, dtype=np.float32)
+    if kind not in TRANSFORMS:
+        raise ValueError(f"unknown feature transform {kind!r}; expected one of {TRANSFORMS}")
     if values.shape[axis] != len(kinds):
         raise ValueError(f"{values.shape[axis]} bands but {len(kinds)} kinds given")
     out = np.empty_like(values)
@@ -45,16 +56,19 @@ def transform(values: np.ndarray, kinds: Sequence[str], *, axis: int = 0) -> np.
     # in place, band by band: no temporaries (each would be a fresh, page-faulting
     # allocation on a dask worker, whose malloc returns freed memory at once)
     with np.errstate(invalid="ignore", divide="ignore"):
-        for i, kind in enumerate(kinds):
-            if kind == REFLECTANCE:
+        for i in range(len(kinds)):
+            band = kinds[i]
+            if band == BACKSCATTER:
+                np.clip(v[i], *DB_RANGE, out=o[i])
+            elif band not in (REFLECTANCE, RADIANCE):
+                raise ValueError(f"unknown band kind {band!r}")
+            elif kind == "raw":
+                o[i] = v[i]
+            elif band == REFLECTANCE:
                 np.maximum(v[i], 0.0, out=o[i])
                 o[i] += np.float32(REFLECTANCE_OFFSET)
                 np.log(o[i], out=o[i])
-            elif kind == BACKSCATTER:
-                np.clip(v[i], *DB_RANGE, out=o[i])
-            elif kind == RADIANCE:
+            else:
                 np.maximum(v[i], 0.0, out=o[i])
                 np.log1p(o[i], out=o[i])
-            else:
-                raise ValueError(f"unknown band kind {kind!r}")
     return out

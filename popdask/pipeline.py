@@ -382,7 +382,15 @@ def fit_pass(client: Client, cfg: Config, grid: Grid) -> PixelModel:
     bands = [str(b) for b in store.open_array(path, "band", so, mode="r")[...]]
     kinds = store.band_kinds(path, so)
     model = fit_model(
-        samples, bands, kinds, components=m.components, clusters=m.clusters, seed=m.seed
+        samples,
+        bands,
+        kinds,
+        components=m.components,
+        clusters=m.clusters,
+        seed=m.seed,
+        whiten=m.whiten,
+        kmeans=m.kmeans,
+        features=m.features,
     )
     arrays, attrs = model.to_arrays()
     store.save_arrays(path, "model", arrays, {**attrs, "sample_pixels": len(samples)}, so)
@@ -547,7 +555,7 @@ def density_fit(
     def cross_validate(x) -> regression.CVResult:
         nonlocal cv_s
         t = time.perf_counter()
-        res = regression.cross_validate(x, pop, groups, n_splits=n_splits)
+        res = regression.cross_validate(x, pop, groups, n_splits=n_splits, loss=loss)
         cv_s += time.perf_counter() - t
         return res
 
@@ -559,7 +567,9 @@ def density_fit(
         W = [rows.columns[k] / np.float32(s) for k, s in zip(keys, scale, strict=True)]
         return np.hstack([F, *(w.astype(np.float64) for w in W)]), scale
 
-    pilot, scale, X, with_terms = regression.fit_densities(F, pop, groups), None, F, None
+    loss = cfg.regression.loss
+    pilot = regression.fit_densities(F, pop, groups, loss=loss)
+    scale, X, with_terms = None, F, None
     plain = cross_validate(F) if n_groups >= 2 else None
     cv = cv_plain = None if plain is None else plain.scores
     if names and cv is None:
@@ -595,7 +605,7 @@ def density_fit(
                 cv["mae"],
             )
             names, scale = [], None
-    densities = pilot if X is F else regression.fit_densities(X, pop, groups)
+    densities = pilot if X is F else regression.fit_densities(X, pop, groups, loss=loss)
     fit_s = time.perf_counter() - t0 - cv_s
     insample = regression.scores(pop, regression.predict_cells(X, densities))
     arrays = {
@@ -658,8 +668,12 @@ def _intervals(cfg: Config, X, pop, groups, oof) -> dict[str, Any]:
     """The bootstrap's densities and the 1 km error bounds of the intervals
     (:mod:`popdask.uncertainty`)."""
     t = time.perf_counter()
+
+    def fit(x, y, g):  # the run's own fit
+        return regression.fit_densities(x, y, g, loss=cfg.regression.loss)
+
     boot = uncertainty.bootstrap_densities(
-        X, pop, groups, regression.fit_densities, n=cfg.regression.bootstrap, seed=cfg.model.seed
+        X, pop, groups, fit, n=cfg.regression.bootstrap, seed=cfg.model.seed
     )
     bounds = uncertainty.log_error_bounds(pop, oof)
     log.info(

@@ -1,115 +1,32 @@
 """Cluster fractions per 1 km cell, bounded density fits and spatial cross-validation.
 
 Step 4 of the method (DESIGN.md): for every 1 km census cell, the fraction of its 20 m pixels
-in each cluster; then ``census_pop(cell) ≈ Σ_k fraction_k(cell) × density_k`` with every
-``density_k ≥ 0``. The prediction stays additive (no intercept, no transform), so the 20 m map
-can give every pixel ``density_k / 2500``.
+in each cluster; then ``census(cell) ≈ Σ_k fraction_k(cell) × density_k`` with every
+``density_k ≥ 0``, no intercept and no transform, so a pixel of cluster ``k`` holds
+``density_k / cell_px²`` persons and a cell's pixels sum to its estimate.
 
-Default fit: the quasi-Poisson committee (``loss="poisson"``, below)
---------------------------------------------------------------------
-Chosen by the evaluation protocol: on the real cells it scores R² 0.7988 / MAE 569.6 against
-0.7987 / 557.4 for the robust fit, but on the demo region, where the truth is known, the
-robust fit lowers the 100 m R² from 0.702 to 0.668 and the 20 m R² from 0.390 to 0.189 (1 km
-CV R² 0.894 → 0.891): it zeroes the densities of clusters that hold a few people per pixel.
+The default fit is plain non-negative least squares (``loss="squared", alpha=0``). In the
+accuracy protocol (`popdask.protocol`, benchmarks/README.md "Accuracy protocol": generated
+regions of two generators and the real cells, repeated grouped cross-validation) no other
+fit beat it by more than the spread of the splits on every region: the quasi-Poisson
+committee lowers the 1 km MAE on the real cells but lowers the 100 m R² of a valley region
+by more than its spread; the others are kept as options:
 
-With the run's context term (`popdask.terms`) the same fit reaches R² 0.8046 and MAE 540.2 on
-the real cells (GroupKFold(5) by tile). The file holds no pixels, so there the context is taken
-at the cell's own scale: the pilot densities (fitted on the training folds) painted on the
-cell, divided by the largest and saturated (`terms.saturate`), and the design is
-``[fractions, fractions · context]``. Over six shuffled tile splits (``GroupKFold(5,
-shuffle=True)``, seeds 0–5) it scores 0.7974 / 543.6 on average against 0.7910 / 573.5 for the
-fractions alone; the saturation's strength ``a`` is on a plateau (a = 5, 20, 50, 200: R² 0.8018,
-0.8046, 0.8049, 0.8018; MAE 540.0–547.2), where the linear context (no saturation) scores
-0.7777 / 564.1 and a context smoothed over the neighbouring cells is worse still. The robust
-fit (``loss="absolute"``) on the same design scores 0.7951 / 542.9 (shuffled: 0.7793 /
-554.6), so the quasi-Poisson default is the best fit on the real cells with the context term.
+``loss="poisson"``
+    Quasi-Poisson regression with the identity link (variance ``max(mu, floor)``) and a
+    ridge chosen by an inner grouped cross-validation; returns the mean of the inner-fold
+    fits (a committee). Reproduces the training total; fewer large errors on big cells.
+``loss="absolute"``
+    A committee of least-absolute-deviation fits weighted by a quasi-Poisson pilot
+    (``abs_power``, ``abs_floor``), optionally blended with the quasi-Poisson committee
+    (``blend``): the conditional median, lowest MAE, undercounts held-out totals.
+``loss="squared"`` with ``alpha=None``
+    Ridge-penalised NNLS, its strength chosen by inner cross-validation (a committee).
 
-On the fractions alone, no option reaches R² ≥ 0.80 *and* MAE ≤ 560 on the real cells
-(GroupKFold(5) by tile; in brackets the mean over three shuffled tile splits of an earlier
-protocol, where the default scores 0.7642 / 589.8):
-
-- blends ``loss="absolute", blend=b``: b = 0.3 → 0.7993 / 564.1, 0.5 → 0.7995 / 561.3
-  (0.7659 / 580.6), 0.6 → 0.7994 / 560.2 (0.7659 / 579.3), 0.7 → 0.7993 / 559.3
-  (0.7659 / 578.2); ``blend=None`` → 0.7992 / 559.2 (0.7640 / 581.5). They lower the MAE by 8–10
-  persons but on the demo the 20 m R² from 0.390 to 0.337 (b = 0.5) or 0.303 (b = 0.7) and
-  the 100 m R² from 0.702 to 0.689 or 0.682 (1 km CV R² 0.894 → 0.902 / 0.900).
-- a Tweedie-type variance ``max(mu, floor) ** p``: p = 1.25 → 0.7958 / 566.0, 1.5 → 0.7902 /
-  567.6, 1.75 → 0.7634 / 584.0, 0.75 → 0.7988 / 579.4; a variance floor of 20 or 100
-  persons instead of 1: no change (0.7988 / 569.7, 0.7987 / 570.3).
-- a committee over three inner-fold assignments (15 members): 0.7952 / 572.7 (0.7608 / 591.0);
-  blended at 0.7: 0.7950 / 562.8. The single assignment is not a lucky one.
-- a Huber loss on pilot-scaled residuals instead of the L1 loss (threshold 1.345 or 4 robust
-  standard deviations): 0.7969 / 559.3, 0.7955 / 562.7; ``abs_power`` 0.25 or 0.75 inside a
-  blend: 0.7981 / 561.2 (b = 0.7), 0.7987 / 561.0 (b = 0.5).
-
-Differences of ±0.005 in R² are within the spread of the inner-fold assignment; over the
-shuffled splits the R² of every variant ranges from 0.69 to 0.80.
-
-Robust fit (``loss="absolute"``)
---------------------------------
-A committee of non-negative *robust* (least-absolute-deviation) fits, each weighted by a
-quasi-Poisson pilot: the densities minimise ``Σ_i s_i |census_i − Σ_k fraction_ik density_k|``
-with ``s_i = max(m̂_i, abs_floor) ** (−abs_power / 2)`` (``abs_power = 0.5``, ``abs_floor = 10``
-persons), where ``m̂`` is the unpenalised quasi-Poisson fit below on the same cells. It is the
-L1 loss on residuals scaled by a standard deviation ``∝ m̂^(1/4)``: halfway between plain least
-absolute deviations (``abs_power = 0``, constant spread) and the Pearson residuals of the
-quasi-Poisson model (``abs_power = 1``); the value was picked among a handful (0, 0.25,
-0.5, 0.75, 1, 1.5) by comparing them on the outer folds and three shuffled group splits of the
-real cells, not by inner CV. Census counts per 1 km cell are heavy-tailed and
-skewed (a quarter of the cells are empty, a few hold 20,000–56,000 people): an L1 fit
-estimates the conditional *median* of each count, which is what the mean absolute error
-rewards, and a single over-dense cell (a tower block, a prison) cannot drag a cluster's density
-the way it does under a squared or Poisson loss. Each fit is one linear programme, solved
-exactly in its dual form (``n`` box-bounded variables, one constraint per cluster; HiGHS dual
-simplex): the densities are the constraint multipliers.
-
-The returned densities are the mean of the fits on the training parts of an inner
-cross-validation over spatial groups (a cross-validation committee: averaging five fits on
-80 % of the groups each damps the variance of the sparse L1 solutions). Optionally
-(``blend``) they are mixed with the quasi-Poisson committee below, the weight fixed or chosen
-by the held-out mean absolute error of the same inner folds; a convex combination of two
-non-negative density vectors is non-negative and the prediction stays additive.
-
-The price of a median fit: it predicts the *typical* cell, so out of fold it undercounts the
-total of the held-out cells (by 6–8 % on the real cells, against at most 2 % for the
-quasi-Poisson fit). The run's map is rescaled to the census in every known cell
-(``regression.rescale``, the default), so this only matters where the map is used unscaled.
-
-Measured on the 4,105 real cells of the development file (GroupKFold(5) over 5 km tiles):
-R² 0.7987 and MAE 557.4 persons, against 0.7988 / 569.6 for the quasi-Poisson committee
-(``loss="poisson"``) and 0.771 / 632 for the prototype's ElasticNetCV. Over three shuffled
-group splits and three inner-fold assignments the MAE is lower than the quasi-Poisson one in
-every case (by 6–22 persons) and the R² on average 0.0025 higher (−0.006 to +0.012).
-
-Quasi-Poisson fit (``loss="poisson"``)
---------------------------------------
-A non-negative *quasi-Poisson* regression with the identity link: the densities maximise the
-quasi-likelihood of the census counts with variance ``V(mu) = max(mu, floor)`` (Poisson
-variance, never below that of ``floor`` persons, so empty cells cannot dominate), minus a small
-ridge penalty. Counts of people are Poisson-like: a cell of 20,000 people is not expected to
-be predicted to ±50 persons, as a least-squares fit demands, and a cell of 10 people is not
-expected to be off by 500. With the identity link and no intercept, the unpenalised fit also
-reproduces the total population of the training cells (the score equations weighted by the
-densities sum to ``Σ y − Σ mu``; exact when no prediction is below ``floor``), which a
-least-squares fit does not (it overestimated the total by 7 % out of fold on the real cells).
-
-The ridge strength is chosen by an inner cross-validation over spatial groups (held-out
-quasi-likelihood), and the returned densities are the average of the inner-fold fits at that
-strength (a cross-validation committee: a little bagging for free, and the penalty was chosen
-for exactly that training size). The solver is a projected Newton method: each step
-minimises the second-order model of the penalised objective (exact gradient and Hessian)
-over ``w >= 0`` exactly, then backtracks on the exact objective, so every iterate is feasible
-and the objective never increases (a step that fails is retried with the Fisher information,
-i.e. as a Fisher-scoring step). The bound-constrained quadratic is solved by Lawson and
-Hanson's active-set algorithm on the normal equations, warm-started from the current support
-and forming only the rows and columns of the Hessian for the positive densities (a few dozen
-of the k columns), so a step costs a few products with the design matrix and small Cholesky
-factorisations. Newton converges in a handful of steps where Fisher scoring, with
-overdispersed counts, needs dozens; the fits are also warm-started along the alpha path and
-from one inner fold to the next. The first fit starts from the ridge-penalised non-negative
-least-squares solution (the same quadratic solver).
-
-All functions are pure: no I/O, no printing.
+Solvers: every fit is a projected Newton method whose bound-constrained quadratic steps are
+solved by Lawson and Hanson's active-set algorithm on the normal equations (exact NNLS for
+``loss="squared", alpha=0``); the L1 fits are linear programmes solved in their dual form
+(HiGHS). All functions are pure: no I/O, no printing.
 """
 
 from __future__ import annotations
@@ -144,8 +61,8 @@ DEFAULT_ALPHAS: dict[str, tuple[float, ...]] = {
 DEFAULT_BLENDS: tuple[float, ...] = tuple(np.round(np.linspace(0.0, 1.0, 11), 10))
 
 _OPTIONS = {
-    "loss": "poisson",
-    "alpha": None,
+    "loss": "squared",
+    "alpha": "auto",
     "alphas": None,
     "inner_splits": 5,
     "average_folds": True,
@@ -538,6 +455,8 @@ def _parse_options(options: dict[str, Any]) -> dict[str, Any]:
     opts = {**_OPTIONS, **options}
     if opts["loss"] not in DEFAULT_ALPHAS:
         raise ValueError(f"loss must be one of {sorted(DEFAULT_ALPHAS)}, got {opts['loss']!r}")
+    if isinstance(opts["alpha"], str) and opts["alpha"] == "auto":
+        opts["alpha"] = 0.0 if opts["loss"] == "squared" else None
     if opts["alpha"] is not None and not (np.isfinite(opts["alpha"]) and opts["alpha"] >= 0):
         raise ValueError(f"alpha must be a finite number >= 0 or None, got {opts['alpha']!r}")
     if opts["alphas"] is None:
@@ -615,10 +534,11 @@ def fit_densities(
         distinct groups among the known cells) the inner folds are contiguous blocks of rows,
         which are spatial blocks when the rows are in raster/tile order.
     **options
-        loss : {"absolute", "poisson", "squared"}, default "poisson"
-            ``"absolute"``: the robust L1 committee of the module docstring (optionally blended
-            with the quasi-Poisson fit, see ``blend``). ``"poisson"``: quasi-Poisson, variance
-            ``max(mu, floor)``. ``"squared"``: non-negative (ridge) least squares.
+        loss : {"squared", "poisson", "absolute"}, default "squared"
+            ``"squared"``: non-negative (ridge) least squares; with the default ``alpha=0``
+            plain NNLS, the protocol's choice (module docstring). ``"poisson"``:
+            quasi-Poisson, variance ``max(mu, floor)``. ``"absolute"``: the robust L1
+            committee (optionally blended with the quasi-Poisson fit, see ``blend``).
         abs_power : float, default 0.5
             ``"absolute"`` only: the L1 loss weights cell ``i`` by
             ``max(m̂_i, abs_floor) ** (-abs_power / 2)``, ``m̂`` a quasi-Poisson pilot fit on the
@@ -632,9 +552,11 @@ def fit_densities(
             None: chosen from ``blends`` by the held-out mean absolute error of the inner folds.
         blends : sequence of float in [0, 1], default 0, 0.1, …, 1
             Candidates for ``blend=None``.
-        alpha : float or None, default None
+        alpha : float, None or "auto", default "auto"
             Ridge strength (dimensionless: penalty ``alpha / (2 ȳ) ‖w‖²`` in quasi-likelihood
-            units, ȳ the mean known count). None: chosen from ``alphas`` by inner CV. For
+            units, ȳ the mean known count). None: chosen from ``alphas`` by inner CV (and the
+            inner-fold fits averaged, ``average_folds``). "auto": 0 (plain NNLS) for
+            ``"squared"``, None (the committees) for the other losses. For
             ``"absolute"`` it applies to the quasi-Poisson pilot (None → 0, unpenalised) and
             the blended quasi-Poisson component.
         alphas : sequence of float, default `DEFAULT_ALPHAS` [loss]

@@ -25,11 +25,10 @@ Two covariates (``regression.terms``):
     among houses holds more people than the same roof among fields; with the saturation, a
     neighbourhood a tenth as populated as the densest already gets a third of the full
     context, so the term separates the empty from the lived-in more than the dense from the
-    densest. Against the linear context it lifted the real cells (regression module
-    docstring) from R² 0.7777 / MAE 564.1 to 0.8046 / 540.2 and, on the demo, the 1 km CV R²
-    from 0.9235 to 0.9271, the 100 m R² against the truth from 0.865 to 0.868 and the 20 m R²
-    from 0.598 to 0.612 (on two other generated regions: 100 m +0.008 and +0.012, 20 m −0.10
-    and +0.02).
+    densest.
+
+Whether each term is worth its columns is the accuracy protocol's call (benchmarks/README.md,
+"Accuracy protocol"; the default ``regression.terms`` follows it).
 
 All functions are pure NumPy on tiles (no I/O); the pipeline feeds them windows with a halo
 of `context_halo` pixels so tile-by-tile equals whole-region.

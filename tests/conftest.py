@@ -28,7 +28,7 @@ sources:
     assets: [avg_rad]
 census: {{path: "{census}", column: TOT_P_2021}}
 model: {{components: 8, clusters: 20, sample_pixels: 40000, seed: 0}}
-regression: {{rescale: true, smooth_sigma: 3}}
+regression: {{rescale: true, smooth_sigma: 3, terms: [intensity, context]}}
 output: {{path: out.zarr{output_extra}}}
 cluster: {cluster}
 """

@@ -29,7 +29,8 @@ def test_defaults_and_relative_paths(tmp_path):
     p = tmp_path / "run.yaml"
     p.write_text(yaml.safe_dump(BASE))
     cfg = load_config(p)
-    assert cfg.model.clusters == 150 and cfg.grid.tile == 10000 and cfg.cluster.kind == "local"
+    assert cfg.model.clusters == 30 and cfg.grid.tile == 10000 and cfg.cluster.kind == "local"
+    assert (cfg.model.features, cfg.model.whiten, cfg.model.kmeans) == ("raw", False, "lloyd")
     assert cfg.census.column == "TOT_P_2021"
     assert cfg.census.path == str(tmp_path / "grid.csv")
     assert cfg.output.path == str(tmp_path / "out.zarr")
@@ -95,8 +96,12 @@ def test_missing_file(tmp_path):
 def test_terms_default_and_what_the_bands_allow():
     from popdask.pipeline import active_terms
 
-    cfg = config_from_dict(BASE)
-    assert cfg.regression.terms == ["intensity", "context"]
+    # no term by default (the accuracy protocol adopted neither); both stay available
+    assert config_from_dict(BASE).regression.terms == []
+    assert config_from_dict(BASE).regression.loss == "squared"  # plain NNLS
+    with pytest.raises(ConfigError, match="loss"):
+        config_from_dict({**BASE, "regression": {"loss": "huber"}})
+    cfg = config_from_dict({**BASE, "regression": {"terms": ["intensity", "context"]}})
     assert cfg.regression.context_radius == 200.0
     s2, s1, lights = ["reflectance"] * 11, ["backscatter_db"] * 2, ["radiance"]
     assert active_terms(cfg, s2 + s1 + lights) == ["intensity", "context"]

@@ -29,6 +29,10 @@ def test_transform_kinds():
     assert np.isnan(out[1, 0]) and out[1, 1] == -35.0 and out[1, 2] == 0.0
     with pytest.raises(ValueError, match="kinds"):
         transform(v, ["reflectance"], axis=-1)
+    raw = transform(v, ["reflectance", "backscatter_db", "radiance"], axis=-1, kind="raw")
+    np.testing.assert_array_equal(raw, np.float32([[0.1, -12.0, 3.0], [np.nan, -35.0, -1.0]]))
+    with pytest.raises(ValueError, match="transform"):
+        transform(v, ["reflectance", "backscatter_db", "radiance"], axis=-1, kind="sqrt")
 
 
 def test_fit_recovers_land_cover_types(blobs):
@@ -93,3 +97,26 @@ def test_sample_tile_draws_pixels_with_every_required_band():
     assert s.shape == (1200, 3) and np.isfinite(s[:, :2]).all()
     assert np.isnan(s[:, 2]).sum() == 400
     assert sample_tile(comp, 10_000, seed=3).shape == (800, 3)  # default: every band
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+def test_full_batch_kmeans_with_or_without_whitening(tmp_path, blobs, whiten):
+    """Both k-means and both PCA spaces find the types; labels use the space fitted in, and a
+    saved model keeps it (a store of older versions, without the attribute, was whitened)."""
+    x, lab = blobs
+    m = fit_model(x, BANDS, KINDS, components=4, clusters=6, seed=0, kmeans="lloyd", whiten=whiten)
+    pred = m.predict(x)
+    assert sum(np.bincount(pred[lab == k]).max() for k in range(6)) / lab.size > 0.97
+    p, _ = m.project(x[:2000])
+    z = (transform(x[:2000], KINDS, axis=-1, kind=m.transform) - m.mean) / m.std
+    q = (z - m.pca_mean) @ m.components.T
+    np.testing.assert_allclose(p, q / np.sqrt(m.explained_variance) if whiten else q, atol=1e-3)
+    arrays, attrs = m.to_arrays()
+    assert attrs["whiten"] is whiten
+    back = PixelModel.from_arrays(arrays, json.loads(json.dumps(attrs)))
+    np.testing.assert_array_equal(back.predict(x[:1000]), pred[:1000])
+    old = {k: v for k, v in attrs.items() if k not in ("whiten", "transform")}
+    legacy = PixelModel.from_arrays(arrays, old)
+    assert legacy.whiten is True and legacy.transform == "log"
+    with pytest.raises(ValueError, match="kmeans"):
+        fit_model(x, BANDS, KINDS, clusters=6, kmeans="elkan")
