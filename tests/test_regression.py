@@ -577,3 +577,23 @@ def test_fit_densities_on_dask_rows_recovers_known_densities():
     big = truth > 500
     np.testing.assert_allclose(dens[big], truth[big], rtol=0.06)
     assert (dens[truth == 0] < 60).all()
+
+
+def test_a_cluster_with_too_few_pixels_gets_no_density_rather_than_any():
+    """A cluster covering 0.012 of a cell among all the fit's cells: NNLS could give it any
+    density that fits a residual or two (held out, such a fit turned a cell of 1,054 people
+    into 407,128); it gets 0, and the other clusters are fitted as without it."""
+    from popdask.regression import MIN_SUPPORT, fit_densities
+
+    rng = np.random.default_rng(4)
+    x = rng.dirichlet(np.ones(3), 200)
+    y = rng.poisson(x @ np.array([100.0, 800.0, 20.0])).astype(float)
+    rare = np.zeros((200, 1))
+    rare[[5, 17], 0] = [0.007, 0.005]  # 0.012 of a cell in all
+    y[[5, 17]] += 300.0  # residuals a tiny column could "explain" with a huge density
+    xr_ = np.hstack([x * (1 - rare), rare])
+    got = fit_densities(xr_, y, loss="squared")
+    assert rare.sum() < MIN_SUPPORT and got[3] == 0.0
+    np.testing.assert_allclose(got[:3], fit_densities(xr_[:, :3], y, loss="squared"))
+    rare[[5, 17], 0] = [0.4, 0.3]  # enough pixels: fitted like any cluster
+    assert fit_densities(np.hstack([x * (1 - rare), rare]), y, loss="squared")[3] > 0
