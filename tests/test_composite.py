@@ -1,3 +1,4 @@
+import functools
 import warnings
 
 import numpy as np
@@ -322,3 +323,41 @@ def test_offset_checks_use_clear_pixels_and_correct_the_composite():
         )[0]
         clear = scl != 9 if t != 2 else np.ones_like(scl, bool)
         np.testing.assert_allclose(out[clear], truth[clear], atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------
+# The kernels in the tile's graph
+# --------------------------------------------------------------------------------------
+def test_kernels_get_the_tiles_stack_itself_not_a_copy():
+    """A kernel reducing the stack's time and band axes gets the one block as it is (dask's
+    ``concatenate=True`` copied it first), and the composite is the kernel's."""
+    import dask
+    import dask.array as da
+
+    from popdask.sources import _one_block
+
+    rng = np.random.default_rng(3)
+    stack = _random_stack(rng, 6, 2, 8, 9)
+    seen = []
+
+    def kernel(x, *, groups):
+        seen.append(x)
+        return median_composite(x, groups=groups)
+
+    groups = np.array([0, 0, 1, 2, 3, 3])
+    lazy = da.blockwise(
+        functools.partial(_one_block, kernel),
+        "cyx",
+        da.from_delayed(dask.delayed(lambda: stack)(), stack.shape, np.float32),  # as a read
+        "tbyx",
+        new_axes={"c": 2},
+        concatenate=False,
+        dtype=np.float32,
+        meta=np.empty((0, 0, 0), np.float32),
+        groups=groups,
+    )
+    (out,) = dask.compute(lazy, scheduler="synchronous")
+    assert np.shares_memory(seen[0], stack)
+    np.testing.assert_array_equal(out, median_composite(stack, groups=groups))
+    with pytest.raises(ValueError, match="one chunk per tile"):
+        _one_block(kernel, [[stack, stack]], groups=groups)
