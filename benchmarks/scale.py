@@ -16,11 +16,13 @@ and of the limits, their ratio, and the range of the ratios over the runs (this 
 speed drifts by up to 1.7× within an hour, so one run proves little). Side by side, on the
 same data and machine:
 
-- the **limit**: a raw rasterio read of the same COGs into memory (no dask), and the same
-  per-pixel arithmetic in plain NumPy on arrays already in memory (masked median,
-  features, PCA projection, nearest centroid, fractions per cell, prediction), timed in 2
-  processes at once, each on half the region, as popdask's 2 workers share the cores
-  (and, for comparison, one process's time halved);
+- the **limit**: the same work done the fastest way available, timed in 2 processes at
+  once, each on half the region, as popdask's 2 workers share the cores (and, for
+  comparison, one process's time halved). For the composite: each tile's recorded items
+  read onto its grid with GDAL and the same resampling (the fastest of :data:`READS`),
+  the day mosaic in NumPy and the fastest of :data:`MEDIANS`, checked against the stored
+  composite; for the rest, the same per-pixel arithmetic in plain NumPy on arrays already
+  in memory (features, PCA projection, nearest centroid, fractions per cell, prediction);
 - the **prototype's path**: scikit-learn in memory, tile by tile — log transform,
   ``FastICA()`` and ``KMeans(n_clusters=150)`` with default settings fitted on every 73rd
   pixel, ``predict`` per tile, fractions by a loop over the clusters, rescaling by a loop
@@ -174,6 +176,14 @@ def _graph_sizes(dask_scheduler) -> list[int]:
     return list(dask_scheduler.plugins["popdask-graph-sizes"].sizes)
 
 
+def _forget_index_maps() -> None:
+    """Drop a worker's cached nearest-neighbour index maps (`popdask.reader`): kept from the
+    previous run of the same region, they would spare the next one work a real run does."""
+    from popdask import reader
+
+    reader._index_cache.clear()
+
+
 def _reset_graph_sizes(dask_scheduler) -> None:
     dask_scheduler.plugins["popdask-graph-sizes"].sizes.clear()
 
@@ -215,6 +225,7 @@ def run_popdask(size_km: int, work: Path, client, region, *, clusters: int | Non
             data["model"].update(clusters=clusters)
         cfg = config_from_dict(data)
         client.run_on_scheduler(_reset_graph_sizes)
+        client.run(_forget_index_maps)  # each run visits its tiles afresh, as a real run does
         before = client.run(_proc_stats)
         from popdask import pipeline
 
@@ -498,16 +509,29 @@ def composite_work(store_path: str, part: int = 0, parts: int = 1) -> list[_Tile
     return out
 
 
+_TRANSFORMERS: dict = {}
+
+
+def _transformer(crs):
+    """A PROJ transformer from EPSG:3035 to ``crs``, made once per process (making one reads
+    PROJ's database: 25-130 ms here; popdask's reader keeps them too)."""
+    from pyproj import Transformer
+
+    key = crs.to_wkt()
+    if key not in _TRANSFORMERS:
+        _TRANSFORMERS[key] = Transformer.from_crs("EPSG:3035", key, always_xy=True)
+    return _TRANSFORMERS[key]
+
+
 def _index_map(ds, tw: _TileWork):
     """``(source window, flat indices into it (-1: none))`` of GDAL's nearest warp of ``ds``
     onto the tile: a raster of source pixel numbers warped through a ``WarpedVRT``."""
     import rasterio
     from rasterio.enums import Resampling
     from rasterio.vrt import WarpedVRT
-    from rasterio.warp import transform_bounds
     from rasterio.windows import Window, from_bounds
 
-    sb = transform_bounds("EPSG:3035", ds.crs, *tw.bounds, densify_pts=21)
+    sb = _transformer(ds.crs).transform_bounds(*tw.bounds, densify_pts=21)
     w = from_bounds(*sb, transform=ds.transform)
     c0, r0 = max(math.floor(w.col_off) - 4, 0), max(math.floor(w.row_off) - 4, 0)
     c1 = min(math.ceil(w.col_off + w.width) + 4, ds.width)
@@ -816,6 +840,13 @@ def _limit_part(store_path: str, data_dir: str, part: int, parts: int) -> None:
         _label_predict(a)  # once untimed: the first calls of a fresh process import and warm up
         for m in MEDIANS:  # imports, and numba's compilation
             _median_kernel(m)(np.full((3, 2, 2), np.nan, np.float32))
+        import rasterio
+
+        for w in works:  # the PROJ transformers, as a warm worker has them
+            for s in w.sources:
+                for row in s.paths:
+                    with rasterio.open(row[0]) as ds:
+                        _transformer(ds.crs)
         print("ready", flush=True)
         step("read_raw", lambda: raw_read(files))
         stacks = {}
