@@ -16,11 +16,13 @@ and of the limits, their ratio, and the range of the ratios over the runs (this 
 speed drifts by up to 1.7× within an hour, so one run proves little). Side by side, on the
 same data and machine:
 
-- the **limit**: a raw rasterio read of the same COGs into memory (no dask), and the same
-  per-pixel arithmetic in plain NumPy on arrays already in memory (masked median,
-  features, PCA projection, nearest centroid, fractions per cell, prediction), timed in 2
-  processes at once, each on half the region, as popdask's 2 workers share the cores
-  (and, for comparison, one process's time halved);
+- the **limit**: the same work done the fastest way available, timed in 2 processes at
+  once, each on half the region, as popdask's 2 workers share the cores (and, for
+  comparison, one process's time halved). For the composite: each tile's recorded items
+  read onto its grid with GDAL and the same resampling (the fastest of :data:`READS`),
+  the day mosaic in NumPy and the fastest of :data:`MEDIANS`, checked against the stored
+  composite; for the rest, the same per-pixel arithmetic in plain NumPy on arrays already
+  in memory (features, PCA projection, nearest centroid, fractions per cell, prediction);
 - the **prototype's path**: scikit-learn in memory, tile by tile — log transform,
   ``FastICA()`` and ``KMeans(n_clusters=150)`` with default settings fitted on every 73rd
   pixel, ``predict`` per tile, fractions by a loop over the clusters, rescaling by a loop
@@ -46,8 +48,8 @@ import shutil
 import tempfile
 import threading
 import time
-import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from distributed.diagnostics.plugin import SchedulerPlugin
@@ -174,6 +176,14 @@ def _graph_sizes(dask_scheduler) -> list[int]:
     return list(dask_scheduler.plugins["popdask-graph-sizes"].sizes)
 
 
+def _forget_index_maps() -> None:
+    """Drop a worker's cached nearest-neighbour index maps (`popdask.reader`): kept from the
+    previous run of the same region, they would spare the next one work a real run does."""
+    from popdask import reader
+
+    reader._index_cache.clear()
+
+
 def _reset_graph_sizes(dask_scheduler) -> None:
     dask_scheduler.plugins["popdask-graph-sizes"].sizes.clear()
 
@@ -215,6 +225,7 @@ def run_popdask(size_km: int, work: Path, client, region, *, clusters: int | Non
             data["model"].update(clusters=clusters)
         cfg = config_from_dict(data)
         client.run_on_scheduler(_reset_graph_sizes)
+        client.run(_forget_index_maps)  # each run visits its tiles afresh, as a real run does
         before = client.run(_proc_stats)
         from popdask import pipeline
 
@@ -292,26 +303,6 @@ class _Arrays:
         self.sigma_px = float(attrs.get("context_sigma_px", 0.0))
 
 
-def _median_stack(a: _Arrays, n_dates: int, rng) -> tuple[np.ndarray, np.ndarray]:
-    """The stored reflectances as ``n_dates`` jittered dates in DN (0 = nodata) and a 20 %
-    cloud mask: what the composite's median works on."""
-    nb_s2 = sum(kd == "reflectance" for kd in a.kinds)
-    jitter = rng.uniform(0.95, 1.05, (n_dates, 1, 1, 1)).astype(np.float32)
-    stack = a.comp[None, :nb_s2] * jitter
-    dn = np.round(np.nan_to_num(stack, nan=0.0) / 1e-4).astype(np.uint16)
-    cloudy = rng.random((n_dates, 1, *a.comp.shape[1:])) < 0.2
-    return dn, cloudy
-
-
-def _median(dn: np.ndarray, cloudy: np.ndarray) -> None:
-    """Mask the cloudy observations and take np.nanmedian over the dates."""
-    refl = dn.astype(np.float32) * np.float32(1e-4)
-    refl[(dn == 0) | np.broadcast_to(cloudy, refl.shape)] = np.nan
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels
-        np.nanmedian(refl, axis=0)
-
-
 def _timer(out: dict[str, float]):
     """``step(name, fn)``: calls ``fn``, records its seconds as ``out[name]``."""
 
@@ -373,12 +364,12 @@ def _label_predict(a: _Arrays, step=None) -> tuple[dict[str, float], np.ndarray]
     return out, design
 
 
-def numpy_limits(store_path: str, n_dates: int = 8, sample_pixels: int = 200_000) -> dict:
+def numpy_limits(store_path: str, sample_pixels: int = 200_000) -> dict:
     """Seconds for popdask's per-pixel arithmetic in plain NumPy on in-memory arrays.
 
-    Single-threaded BLAS, one process, nothing read or written: the stored composites of the
-    run stand in for a stack of ``n_dates`` cloud-masked dates, and the run's own model,
-    densities and terms are applied to the whole region at once.
+    Single-threaded BLAS, one process, nothing read or written: the run's own model,
+    densities and terms applied to the whole region at once (the fit, and the one-process
+    label + predict steps halved for `halved_limits`).
     """
     from threadpoolctl import threadpool_limits
 
@@ -387,10 +378,7 @@ def numpy_limits(store_path: str, n_dates: int = 8, sample_pixels: int = 200_000
     a = _Arrays(store_path)
     rng = np.random.default_rng(0)
     out: dict[str, float] = {}
-    step = _timer(out)
     with threadpool_limits(1):
-        # the stack is made before the step is timed, and freed after it
-        step("composite_median", functools.partial(_median, *_median_stack(a, n_dates, rng)))
         # fit: the same transform, PCA and mini-batch k-means with scikit-learn in memory
         flat = a.comp.reshape(a.comp.shape[0], -1).T
         sample = flat[rng.choice(flat.shape[0], min(sample_pixels, flat.shape[0]), replace=False)]
@@ -408,9 +396,365 @@ def numpy_limits(store_path: str, n_dates: int = 8, sample_pixels: int = 200_000
     return out
 
 
+# --------------------------------------------------------------------------------------
+# The composite's limit: each tile's own items read warped onto its grid, then the median
+# --------------------------------------------------------------------------------------
+#: How the limit reads an asset onto a tile's grid, each timed: a GDAL ``WarpedVRT``
+#: (stackstac's way), ``rasterio.warp.reproject`` (GDAL's warp API), and, for nearest
+#: resampling, the raw source window gathered through a GDAL-warped map of source pixel
+#: numbers (the same pixels; bilinear sources are read through the ``WarpedVRT`` there).
+#: The limit takes the fastest.
+READS = ("vrt", "reproject", "gather")
+#: The median kernels the limit tries on the same days, each timed; it takes the fastest.
+MEDIANS = ("popdask", "bottleneck", "numba")
+
+
+class _SourceWork(NamedTuple):
+    """One source of one tile as the limit reads and composites it (metadata only)."""
+
+    name: str
+    paths: list[list[str]]  # [item][asset]
+    resampling: str
+    dtype: str
+    nodata: float
+    scale: np.ndarray  # (item, asset) float32
+    offset: np.ndarray
+    rank: np.ndarray  # (item,) the day slot of each item, in order of first appearance
+    days: int
+    mask_band: int | None
+    mask_values: tuple[int, ...]
+    bands: int  # composite bands (the mask asset excluded)
+
+
+class _TileWork(NamedTuple):
+    tile_id: str
+    transform: object
+    shape: tuple[int, int]
+    bounds: tuple[float, float, float, float]
+    sources: list[_SourceWork]
+
+
+def composite_work(store_path: str, part: int = 0, parts: int = 1) -> list[_TileWork]:
+    """What the composite pass did for the tiles ``part::parts`` of a finished run: the
+    items each tile recorded (and the offsets its checks applied), by source."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from popdask import catalog
+    from popdask.config import config_from_dict
+    from popdask.sources import DEFAULT_RESAMPLING, day_groups, scale_offset
+
+    attrs = json.loads((Path(store_path) / ".zattrs").read_text())
+    cfg = config_from_dict(attrs["config"])
+    grid = cfg.make_grid()
+    out = []
+    for tile in grid.tiles()[part::parts]:
+        x0, y0, x1, y1 = tile.bounds
+        shape = (round((y1 - y0) / grid.resolution), round((x1 - x0) / grid.resolution))
+        works = []
+        for src in catalog.sources_of(cfg):
+            c = src.config
+            rec = catalog.load_tile_items(store_path, src.name, tile.id)
+            items = rec.pystac_items() if rec is not None else []
+            mask = c.mask_asset if c.mask_asset and src.name == "sentinel2" else None
+            assets = [*c.assets, *([mask] if mask else [])]
+            scale, offset = scale_offset(items, assets, name=src.name, scale=c.scale)
+            if rec.offset_check:  # the corrections the pass's checks applied
+                applied = {d["id"]: d for d in rec.offset_check["items"]}
+                band = assets.index(rec.offset_check["band"])
+                for i, it in enumerate(items):
+                    d = applied[it.id]
+                    delta = (d["applied"] or 0.0) - (d["offset"] or 0.0)
+                    if abs(delta) > 1e-9:
+                        offset[i, : len(c.assets)] = offset[i, band] + delta
+            groups = day_groups(items) if items else np.zeros(0, np.int64)
+            _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+            order = np.argsort(first)
+            rank = np.empty_like(order)
+            rank[order] = np.arange(len(order))
+            paths = [[it.assets[a].href for a in assets] for it in items]
+            nodata = np.nan
+            if paths:
+                with rasterio.open(paths[0][0]) as ds:
+                    nodata = ds.nodata
+            # as popdask.sources picks it (the stored configuration spells out every default,
+            # so a resampling other than the field's default is taken as set)
+            default = type(c).model_fields["resampling"].default
+            resampling = c.resampling if c.resampling != default else DEFAULT_RESAMPLING[src.name]
+            works.append(
+                _SourceWork(
+                    name=src.name,
+                    paths=paths,
+                    resampling=resampling,
+                    dtype="uint16" if src.name == "sentinel2" else "float32",
+                    nodata=float(nodata),
+                    scale=scale.astype(np.float32),
+                    offset=offset.astype(np.float32),
+                    rank=rank[inverse],
+                    days=len(order),
+                    mask_band=len(c.assets) if mask else None,
+                    mask_values=tuple(c.mask_values),
+                    bands=len(c.assets),
+                )
+            )
+        out.append(
+            _TileWork(
+                tile.id,
+                from_origin(x0, y1, grid.resolution, grid.resolution),
+                shape,
+                tuple(tile.bounds),
+                works,
+            )
+        )
+    return out
+
+
+_TRANSFORMERS: dict = {}
+
+
+def _transformer(crs):
+    """A PROJ transformer from EPSG:3035 to ``crs``, made once per process (making one reads
+    PROJ's database: 25-130 ms here; popdask's reader keeps them too)."""
+    from pyproj import Transformer
+
+    key = crs.to_wkt()
+    if key not in _TRANSFORMERS:
+        _TRANSFORMERS[key] = Transformer.from_crs("EPSG:3035", key, always_xy=True)
+    return _TRANSFORMERS[key]
+
+
+def _index_map(ds, tw: _TileWork):
+    """``(source window, flat indices into it (-1: none))`` of GDAL's nearest warp of ``ds``
+    onto the tile: a raster of source pixel numbers warped through a ``WarpedVRT``."""
+    import rasterio
+    from rasterio.enums import Resampling
+    from rasterio.vrt import WarpedVRT
+    from rasterio.windows import Window, from_bounds
+
+    sb = _transformer(ds.crs).transform_bounds(*tw.bounds, densify_pts=21)
+    w = from_bounds(*sb, transform=ds.transform)
+    c0, r0 = max(math.floor(w.col_off) - 4, 0), max(math.floor(w.row_off) - 4, 0)
+    c1 = min(math.ceil(w.col_off + w.width) + 4, ds.width)
+    r1 = min(math.ceil(w.row_off + w.height) + 4, ds.height)
+    if c1 <= c0 or r1 <= r0:
+        return None, None
+    win = Window(c0, r0, c1 - c0, r1 - r0)
+    h, wd = r1 - r0, c1 - c0
+    profile = dict(
+        driver="GTiff",
+        width=wd,
+        height=h,
+        count=1,
+        dtype="int32",
+        crs=ds.crs,
+        transform=ds.window_transform(win),
+        nodata=0,
+    )
+    with rasterio.MemoryFile() as mem:
+        with mem.open(**profile) as dst:
+            dst.write(np.arange(1, h * wd + 1, dtype=np.int32).reshape(h, wd), 1)
+        with (
+            mem.open() as src,
+            WarpedVRT(
+                src,
+                crs="EPSG:3035",
+                transform=tw.transform,
+                width=tw.shape[1],
+                height=tw.shape[0],
+                resampling=Resampling.nearest,
+            ) as vrt,
+        ):
+            index = vrt.read(1) - 1
+    return win, index
+
+
+def read_tile(tw: _TileWork, how: str) -> list[np.ndarray]:
+    """Each source's ``(item, asset, y, x)`` stack of the tile, read onto its grid ``how``
+    (:data:`READS`), in the assets' own values (nodata where no source pixel)."""
+    import rasterio
+    from rasterio.enums import Resampling
+    from rasterio.vrt import WarpedVRT
+    from rasterio.warp import reproject
+
+    stacks = []
+    maps: dict = {}
+    for s in tw.sources:
+        arr = np.empty((len(s.paths), len(s.paths[0]) if s.paths else 0, *tw.shape), s.dtype)
+        rs = Resampling[s.resampling]
+        for i, row in enumerate(s.paths):
+            for j, path in enumerate(row):
+                out = arr[i, j]
+                with rasterio.open(path) as ds:
+                    if how == "gather" and rs == Resampling.nearest:
+                        key = (ds.crs.to_wkt(), tuple(ds.transform), ds.width, ds.height)
+                        if key not in maps:
+                            maps[key] = _index_map(ds, tw)
+                        win, index = maps[key]
+                        out.fill(s.nodata)
+                        if win is not None:
+                            raw = ds.read(1, window=win).ravel()
+                            ok = index >= 0
+                            out[ok] = raw[index[ok]]
+                    elif how == "reproject":
+                        reproject(
+                            rasterio.band(ds, 1),
+                            out,
+                            dst_transform=tw.transform,
+                            dst_crs="EPSG:3035",
+                            resampling=rs,
+                            src_nodata=ds.nodata,
+                            dst_nodata=s.nodata,
+                        )
+                    else:
+                        with WarpedVRT(
+                            ds,
+                            crs="EPSG:3035",
+                            transform=tw.transform,
+                            width=tw.shape[1],
+                            height=tw.shape[0],
+                            resampling=rs,
+                        ) as vrt:
+                            vrt.read(1, out=out)
+        stacks.append(arr)
+    return stacks
+
+
+def mosaic_days(stack: np.ndarray, s: _SourceWork) -> np.ndarray:
+    """``(day, band, y, x)`` float32 of one source: nodata and masked pixels dropped, DN ×
+    scale + offset, the first valid item of a day kept (as the pass's kernels do)."""
+    bands = [j for j in range(s.bands + (s.mask_band is not None)) if j != s.mask_band]
+    days = np.full((s.days, len(bands), *stack.shape[2:]), np.nan, np.float32)
+    for t in range(stack.shape[0]):
+        clear = None
+        if s.mask_band is not None:
+            clear = ~np.isin(stack[t, s.mask_band], np.asarray(s.mask_values, stack.dtype))
+        for jj, j in enumerate(bands):
+            dst = days[s.rank[t], jj]
+            v = stack[t, j]
+            where = np.isnan(dst) & (v != np.asarray(s.nodata, v.dtype))
+            if clear is not None:
+                where &= clear
+            values = np.multiply(v, s.scale[t, j], dtype=np.float32)
+            values += s.offset[t, j]
+            np.copyto(dst, values, where=where)
+    return days
+
+
+def median_network(n: int) -> np.ndarray:
+    """Batcher's odd-even merge sort for ``n`` values (padded to a power of two with +inf,
+    whose comparators are dropped): ``(comparators, 2)`` index pairs."""
+    p2 = 1 << max(n - 1, 0).bit_length()
+    pairs = []
+    p = 1
+    while p < p2:
+        k = p
+        while k >= 1:
+            for j in range(k % p, p2 - k, 2 * k):
+                for i in range(min(k, p2 - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p) and i + j + k < n:
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return np.array(pairs, np.int64).reshape(-1, 2)
+
+
+@functools.cache
+def _network_kernel():
+    import numba
+
+    @numba.njit(nogil=True)
+    def kernel(flat, pairs, out, block):  # pragma: no cover - compiled
+        t, n = flat.shape
+        buf = np.empty((t, block), np.float32)
+        count = np.empty(block, np.int64)
+        inf = np.float32(np.inf)
+        for s in range(0, n, block):
+            m = min(block, n - s)
+            count[:m] = 0
+            for i in range(t):
+                for q in range(m):
+                    v = flat[i, s + q]
+                    if v == v:
+                        buf[i, q] = v
+                        count[q] += 1
+                    else:
+                        buf[i, q] = inf
+            for c in range(pairs.shape[0]):
+                a, b = pairs[c, 0], pairs[c, 1]
+                for q in range(m):
+                    x, y = buf[a, q], buf[b, q]
+                    buf[a, q] = min(x, y)
+                    buf[b, q] = max(x, y)
+            for q in range(m):
+                k = count[q]
+                if k == 0:
+                    out[s + q] = np.nan
+                elif k % 2:
+                    out[s + q] = buf[k // 2, q]
+                else:
+                    out[s + q] = (buf[k // 2 - 1, q] + buf[k // 2, q]) / np.float32(2)
+
+    return kernel
+
+
+def numba_nanmedian(stack: np.ndarray) -> np.ndarray:
+    """``np.nanmedian(stack, axis=0)`` in float32 by a sorting network per block of pixels
+    (numba): NaN as +inf, sorted, the middle of each pixel's valid values gathered."""
+    t = stack.shape[0]
+    flat = np.ascontiguousarray(stack, np.float32).reshape(t, -1)
+    out = np.empty(flat.shape[1], np.float32)
+    _network_kernel()(flat, median_network(t), out, 1024)
+    return out.reshape(stack.shape[1:])
+
+
+def _median_kernel(name: str):
+    from popdask.composite import nanmedian_time
+
+    if name == "popdask":
+        return nanmedian_time
+    if name == "bottleneck":
+        import bottleneck
+
+        return lambda a: bottleneck.nanmedian(a, axis=0)
+    return numba_nanmedian
+
+
+def composite_days(days: list[list[np.ndarray]], works: list[_TileWork], median) -> list:
+    """Each tile's composite from its sources' days: ``median`` over the days (dB for
+    Sentinel-1), bands in source order."""
+    out = []
+    for tw, tile_days in zip(works, days, strict=True):
+        parts = []
+        for s, d in zip(tw.sources, tile_days, strict=True):
+            if not s.days:
+                parts.append(np.full(d.shape[1:], np.nan, np.float32))
+                continue
+            med = median(d).astype(np.float32, copy=False)
+            if s.name == "sentinel1":
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    med = (10.0 * np.log10(np.maximum(med, 1e-6))).astype(np.float32)
+            parts.append(med)
+        out.append(np.concatenate(parts))
+    return out
+
+
 #: The per-pixel steps that popdask spreads over its workers, in the order `two_core_limits`
-#: times them.
-PARALLEL_STEPS = ("read", "median", "label", "fractions_terms", "predict")
+#: times them: the composite's (``read_raw``, every COG of the region read whole and
+#: natively, the limit's read until 2026-12-06, for comparison; each of :data:`READS`;
+#: the day mosaic; each of :data:`MEDIANS`), then label + predict's.
+PARALLEL_STEPS = (
+    "read_raw",
+    *(f"read_{how}" for how in READS),
+    "mosaic",
+    *(f"median_{m}" for m in MEDIANS),
+    "label",
+    "fractions_terms",
+    "predict",
+)
+#: What `two_core_limits` asks last, untimed, as the least over the processes: the share of
+#: pixels each read gives as the first of :data:`READS` does, and the share of the stored
+#: composite the limit's own composite matches (within 1e-6): the limit did the pass's work.
+CHECKS = (*(f"same_as_vrt_{how}" for how in READS[1:]), "composite_match")
 
 
 def two_core_limits(store_path: str, data_dir: Path, parts: int = 2) -> dict[str, float]:
@@ -453,6 +797,12 @@ def two_core_limits(store_path: str, data_dir: Path, parts: int = 2) -> dict[str
                 proc.stdin.write(step + "\n")
                 proc.stdin.flush()
             out[step] = max(float(answer(proc)) for proc in procs)
+        for check in CHECKS:
+            for proc in procs:
+                proc.stdin.write(check + "\n")
+                proc.stdin.flush()
+            values = [float(answer(proc)) for proc in procs]
+            out[check] = min((v for v in values if not math.isnan(v)), default=math.nan)
         return out
     finally:
         for proc in procs:
@@ -470,7 +820,7 @@ def _limit_part(store_path: str, data_dir: str, part: int, parts: int) -> None:
 
     a = _Arrays(store_path, part, parts)
     files = _cogs(Path(data_dir))[part::parts]
-    stack = _median_stack(a, 8, np.random.default_rng(part))
+    works = composite_work(store_path, part, parts)
     seconds: dict[str, float] = {}
     timed = _timer(seconds)
 
@@ -481,12 +831,73 @@ def _limit_part(store_path: str, data_dir: str, part: int, parts: int) -> None:
         print(seconds[name], flush=True)
         return result
 
+    def check(name, fn):
+        if sys.stdin.readline().strip() != name:
+            raise SystemExit(f"limit part {part}: expected check {name!r}")
+        print(float(fn()), flush=True)
+
     with threadpool_limits(1):
         _label_predict(a)  # once untimed: the first calls of a fresh process import and warm up
+        for m in MEDIANS:  # imports, and numba's compilation
+            _median_kernel(m)(np.full((3, 2, 2), np.nan, np.float32))
+        import rasterio
+
+        for w in works:  # the PROJ transformers, as a warm worker has them
+            for s in w.sources:
+                for row in s.paths:
+                    with rasterio.open(row[0]) as ds:
+                        _transformer(ds.crs)
         print("ready", flush=True)
-        step("read", lambda: raw_read(files))
-        step("median", lambda: _median(*stack))
+        step("read_raw", lambda: raw_read(files))
+        stacks = {}
+        for how in READS:
+            stacks[how] = step(f"read_{how}", lambda how=how: [read_tile(w, how) for w in works])
+        days = step(
+            "mosaic",
+            lambda: [
+                [mosaic_days(st, s) for st, s in zip(sts, w.sources, strict=True)]
+                for sts, w in zip(stacks[READS[-1]], works, strict=True)
+            ],
+        )
+        composites = {}
+        for m in MEDIANS:
+            kernel = _median_kernel(m)
+            composites[m] = step(f"median_{m}", lambda k=kernel: composite_days(days, works, k))
         _label_predict(a, step)
+        for how in READS[1:]:
+            check(f"same_as_vrt_{how}", lambda how=how: _same_share(stacks[READS[0]], stacks[how]))
+        check("composite_match", lambda: _composite_match(store_path, works, composites))
+
+
+def _same_share(a: list[list[np.ndarray]], b: list[list[np.ndarray]]) -> float:
+    """The share of values equal in two reads of the same tiles."""
+    same = total = 0
+    for ta, tb in zip(a, b, strict=True):
+        for x, y in zip(ta, tb, strict=True):
+            same += int(np.count_nonzero((x == y) | (np.isnan(x) & np.isnan(y))))
+            total += x.size
+    return same / total if total else math.nan  # a part without tiles
+
+
+def _composite_match(store_path: str, works: list[_TileWork], composites: dict) -> float:
+    """The least share, over the median kernels, of the stored composite's values (of these
+    tiles) that the limit's composite matches within 1e-6 (NaN where NaN)."""
+    from popdask import store
+    from popdask.config import config_from_dict
+
+    attrs = json.loads((Path(store_path) / ".zattrs").read_text())
+    grid = config_from_dict(attrs["config"]).make_grid()
+    stored = store.open_group(store_path, mode="r")["composite"]
+    shares = []
+    for comps in composites.values():
+        same = total = 0
+        for w, c in zip(works, comps, strict=True):
+            t = grid.find_tile(w.tile_id)
+            ref = stored[:, t.ys, t.xs]
+            same += int(np.isclose(c, ref, rtol=1e-6, atol=1e-6, equal_nan=True).sum())
+            total += ref.size
+        shares.append(same / total if total else math.nan)  # a part without tiles
+    return min(shares)
 
 
 def _sklearn_fit(sample: np.ndarray, kinds, components: int, clusters: int) -> float:
@@ -643,11 +1054,11 @@ def main(argv=None) -> dict:
                 r.update(generate_s=gen_s if rep == 0 else 0.0, cog_bytes=cog_bytes)
                 r["rep"] = rep
                 # the limits right after popdask's run, so both see the machine alike
-                r["raw_read_s"] = raw_read(_cogs(Path(r["data"])))
                 r["numpy_s"] = numpy_limits(r["store"])
                 r["two_core_s"] = two_core_limits(r["store"], Path(r["data"]))
                 if not args.no_prototype and rep == 0:  # its cost barely varies
                     r["prototype_s"] = prototype(r["store"], work / f"{size}km" / "prototype")
+                r["composite_limit"] = composite_limit(r["two_core_s"])
                 r["limit_s"] = limits(r)
                 r["ratio"] = {k: r["timings_s"][k] / v for k, v in r["limit_s"].items()}
                 r["limit_halved_s"] = halved_limits(r)
@@ -699,6 +1110,7 @@ def summarise(reps: list[dict]) -> dict:
         timings_s=timings,
         limit_s=limit,
         ratio={k: timings[k] / v for k, v in limit.items()},
+        two_core_s=median("two_core_s"),
         limit_halved_s=halved,
         ratio_to_halved={k: timings[k] / v for k, v in halved.items()},
         ratio_range={
@@ -782,24 +1194,41 @@ def densities_scaling(store_path: str, cells: list[int], seed: int = 0) -> dict:
 
 
 def limits(r: dict) -> dict[str, float]:
-    """Each pass's limit in seconds on the 2 cores: for the composite, the raw read and
-    np.nanmedian by 2 processes at once (`two_core_limits`); for the fit, scikit-learn in
-    memory; for label + predict, the per-pixel NumPy steps by 2 processes at once plus the
-    densities fit (one process in both)."""
+    """Each pass's limit in seconds on the 2 cores: for the composite, the fastest warped
+    read, the day mosaic and the fastest median by 2 processes at once
+    (`composite_limit`); for the fit, scikit-learn in memory; for label + predict, the
+    per-pixel NumPy steps by 2 processes at once plus the densities fit (one process in
+    both)."""
     two, n = r["two_core_s"], r["numpy_s"]
     return {
-        "composite": two["read"] + two["median"],
+        "composite": composite_limit(two)["total"],
         "fit": n["fit"],
         "label_predict": two["label"] + two["fractions_terms"] + two["predict"] + n["regression"],
     }
 
 
+def composite_limit(two: dict[str, float]) -> dict:
+    """The composite's limit from the 2-process steps: the fastest of :data:`READS`, the
+    mosaic and the fastest of :data:`MEDIANS`, with which won."""
+    read = min(READS, key=lambda how: two[f"read_{how}"])
+    median = min(MEDIANS, key=lambda m: two[f"median_{m}"])
+    out = {
+        "read": two[f"read_{read}"],
+        "read_by": read,
+        "mosaic": two["mosaic"],
+        "median": two[f"median_{median}"],
+        "median_by": median,
+    }
+    out["total"] = out["read"] + out["mosaic"] + out["median"]
+    return out
+
+
 def halved_limits(r: dict) -> dict[str, float]:
     """`limits` as one process's times halved, as if the 2 cores did twice one's work (the
-    limit reported before the 2-process measurement; for comparison)."""
+    limit reported before the 2-process measurement; for comparison). The composite has
+    none: its one-process limit was np.nanmedian's."""
     n = r["numpy_s"]
     return {
-        "composite": (r["raw_read_s"] + n["composite_median"]) / 2,
         "fit": n["fit"],
         "label_predict": (n["label"] + n["fractions_terms"] + n["predict"]) / 2 + n["regression"],
     }
@@ -818,11 +1247,22 @@ def print_table(summary: list[dict]) -> None:
             s = t.get(name, float("nan"))
             limit = r["limit_s"][name]
             lo, hi = r["ratio_range"][name]
+            halved = r["ratio_to_halved"].get(name)
             print(
                 f"{r['size_km']:>4} {name:<14} {s:8.2f} {mpx / s / 2:11.3f} {limit:8.2f} "
                 f"{s / limit:6.2f}  ({lo:.2f}–{hi:.2f}, {r['reps']} runs; "
-                f"{r['ratio_to_halved'][name]:.2f})"
+                + (f"{halved:.2f})" if halved else "–)")
             )
+        two = r["two_core_s"]
+        c = composite_limit(two)
+        print(
+            f"     composite limit = read {c['read']:.2f} ({c['read_by']}) + mosaic "
+            f"{c['mosaic']:.2f} + median {c['median']:.2f} ({c['median_by']}) s; reads "
+            + ", ".join(f"{h} {two[f'read_{h}']:.2f}" for h in ("raw", *READS))
+            + "; medians "
+            + ", ".join(f"{m} {two[f'median_{m}']:.2f}" for m in MEDIANS)
+            + f"; composite matched {two['composite_match']:.4%}"
+        )
         print(
             "     label_predict = label {label:.2f} + regression {regression:.2f} + predict "
             "{predict:.2f} s (cross-validation report {cv:.2f} s, not counted)".format(**t)

@@ -1,14 +1,18 @@
-"""Per-pixel compositing kernels: pure NumPy on one tile's full time column.
+"""Per-pixel compositing kernels on one tile's full time column (NumPy, the median in numba).
 
 Each kernel takes the stack of one tile as ``(time, band, y, x)`` float32 with NaN nodata,
 mosaics the items of the same acquisition day (first valid pixel wins, so overlapping
 granules of one date are counted once), and reduces the days to their per-pixel median.
 The dask graph feeds these kernels one tile at a time with the whole time axis in a single
-chunk (a median across time chunks would shuffle the whole cube).
+chunk (a median across time chunks would shuffle the whole cube). The median is a sorting
+network compiled by numba: the pass is then bound by its reads (benchmarks/README.md).
 """
 
 from __future__ import annotations
 
+import functools
+
+import numba
 import numpy as np
 
 #: How a composite band is turned into features (see :mod:`popdask.features`).
@@ -44,14 +48,92 @@ def mosaic_by_group(stack: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return out
 
 
+#: Pixels the median kernel sorts at once: a (dates × block) float32 buffer that stays in
+#: the core's L1/L2 cache (24 dates: 96 KB).
+MEDIAN_BLOCK = 1024
+
+
+@functools.lru_cache(maxsize=64)
+def median_network(n: int) -> np.ndarray:
+    """Batcher's odd-even merge sort of ``n`` values: ``(comparators, 2)`` index pairs.
+
+    Built for the next power of two; the comparators that touch the padding are dropped
+    (the padding holds +inf, so they never swap). 19 comparators for 8 values, 63 for 16.
+    """
+    p2 = 1 << max(n - 1, 0).bit_length()
+    pairs = []
+    p = 1
+    while p < p2:
+        k = p
+        while k >= 1:
+            for j in range(k % p, p2 - k, 2 * k):
+                for i in range(min(k, p2 - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p) and i + j + k < n:
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    out = np.array(pairs, np.int64).reshape(-1, 2)
+    out.flags.writeable = False
+    return out
+
+
+@numba.njit(nogil=True, cache=True)
+def _network_median(flat, pairs, out, block):  # pragma: no cover - compiled by numba
+    t, n = flat.shape
+    buf = np.empty((t, block), np.float32)
+    count = np.empty(block, np.int64)
+    inf = np.float32(np.inf)
+    for s in range(0, n, block):
+        m = min(block, n - s)
+        count[:m] = 0
+        for i in range(t):
+            for q in range(m):
+                v = flat[i, s + q]
+                if v == v:
+                    buf[i, q] = v
+                    count[q] += 1
+                else:
+                    buf[i, q] = inf
+        for c in range(pairs.shape[0]):
+            a, b = pairs[c, 0], pairs[c, 1]
+            for q in range(m):
+                x, y = buf[a, q], buf[b, q]
+                buf[a, q] = min(x, y)
+                buf[b, q] = max(x, y)
+        for q in range(m):
+            k = count[q]
+            if k == 0:
+                out[s + q] = np.nan
+            elif k % 2:
+                out[s + q] = buf[k // 2, q]
+            else:
+                out[s + q] = (buf[k // 2 - 1, q] + buf[k // 2, q]) / np.float32(2)
+
+
 def nanmedian_time(stack: np.ndarray) -> np.ndarray:
     """Median over axis 0 ignoring NaN; all-NaN pixels stay NaN without a warning.
 
     Equal to ``np.nanmedian(stack, axis=0)`` in float32 (the mean of the two middle values
-    for an even count, rounded as NumPy rounds it), about 4× faster on a tile's short time
-    axis: one sort along time (NaN sorts last) and a gather at the middle of each pixel's
-    valid values, instead of NumPy's masked-array path.
+    for an even count, in float32). A sorting network (:func:`median_network`) over blocks
+    of :data:`MEDIAN_BLOCK` pixels, NaN as +inf, then the middle of each pixel's valid
+    values: branch-free and in cache, 3–4× faster than a sort along time
+    (:func:`nanmedian_sort`) and 10× faster than ``np.nanmedian`` on a tile's stack
+    (benchmarks/README.md).
     """
+    stack = np.asarray(stack, dtype=np.float32)
+    t = stack.shape[0]
+    if t == 0:
+        return np.full(stack.shape[1:], np.nan, dtype=np.float32)
+    flat = np.ascontiguousarray(stack).reshape(t, -1)
+    out = np.empty(flat.shape[1], np.float32)
+    _network_median(flat, median_network(t), out, MEDIAN_BLOCK)
+    return out.reshape(stack.shape[1:])
+
+
+def nanmedian_sort(stack: np.ndarray) -> np.ndarray:
+    """:func:`nanmedian_time` in NumPy: one sort along time (NaN sorts last) and a gather
+    at the middle of each pixel's valid values (popdask's kernel before the network; kept
+    as the reference the tests compare it with)."""
     stack = np.asarray(stack, dtype=np.float32)
     if stack.shape[0] == 0:
         return np.full(stack.shape[1:], np.nan, dtype=np.float32)

@@ -40,9 +40,9 @@ from contextlib import contextmanager
 import numpy as np
 import rasterio
 import rasterio.errors
+from pyproj import Transformer
 from rasterio.enums import MaskFlags, Resampling
 from rasterio.vrt import WarpedVRT
-from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 from rasterio.windows import bounds as window_bounds
 from rasterio.windows import from_bounds as window_from_bounds
@@ -123,10 +123,26 @@ _index_cache: OrderedDict[tuple, tuple[Window | None, np.ndarray | None]] = Orde
 _index_lock = threading.Lock()
 
 
+_transformers = threading.local()
+
+
+def _transformer(epsg: int, crs) -> Transformer:
+    """A PROJ transformer from ``EPSG:epsg`` to ``crs``, made once per thread and pair: making
+    one reads PROJ's database, 50–130 ms here (``rasterio.warp.transform_bounds`` makes one
+    per call, once per granule geometry and tile); using it takes well under 1 ms."""
+    cache = getattr(_transformers, "cache", None)
+    if cache is None:
+        cache = _transformers.cache = {}
+    key = (epsg, crs.to_wkt())
+    if key not in cache:
+        cache[key] = Transformer.from_crs(f"EPSG:{epsg}", key[1], always_xy=True)
+    return cache[key]
+
+
 def _source_window(ds, spec, window: Window) -> Window | None:
     """The window of ``ds`` holding every source pixel the output ``window`` can map to."""
     left, bottom, right, top = window_bounds(window, spec.transform)
-    sb = transform_bounds(f"EPSG:{spec.epsg}", ds.crs, left, bottom, right, top, densify_pts=21)
+    sb = _transformer(spec.epsg, ds.crs).transform_bounds(left, bottom, right, top, densify_pts=21)
     w = window_from_bounds(*sb, transform=ds.transform)
     col0 = max(int(np.floor(w.col_off)) - SOURCE_MARGIN_PX, 0)
     row0 = max(int(np.floor(w.row_off)) - SOURCE_MARGIN_PX, 0)

@@ -15,6 +15,7 @@ Searching returns plain :class:`pystac.Item` lists; :func:`tile_composite` build
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -737,8 +738,6 @@ def _source_composite(
 ) -> tuple[da.Array, da.Array | None]:
     """Lazy ``(band, y, x)`` composite of one source's items (at least one) on ``bounds``,
     and for Sentinel-2 the lazy offset checks of its items (None when not checked)."""
-    nx = round((bounds[2] - bounds[0]) / resolution)
-    ny = round((bounds[3] - bounds[1]) / resolution)
     names = cfg.bands
     reader = _reader(cfg.sign or sign, name)
     assets = [*cfg.assets, *([cfg.mask_asset] if cfg.mask_asset and name == "sentinel2" else [])]
@@ -759,16 +758,19 @@ def _source_composite(
     scale, offset = scale_offset(items, assets, name=name, scale=cfg.scale)
 
     def per_tile(kernel, **kw) -> da.Array:  # the time column reduced in its one chunk
-        return stack.data.map_blocks(
-            kernel,
+        return da.blockwise(
+            functools.partial(_one_block, kernel),
+            "cyx",
+            stack.data,
+            "tbyx",
+            new_axes={"c": len(names)},
+            concatenate=False,
+            dtype=np.float32,
+            meta=np.empty((0, 0, 0), np.float32),
             groups=groups,
             scale=scale,
             offset=offset,
             **kw,
-            drop_axis=0,
-            chunks=(len(names), ny, nx),
-            dtype=np.float32,
-            meta=np.empty((0, 0, 0), np.float32),
         )
 
     if name != "sentinel2":
@@ -781,27 +783,30 @@ def _source_composite(
     check = next((names.index(b) for b in CHECK_BANDS if b in names), None)
     if check is None:
         return per_tile(comp.optical_composite, **mask), None
-    checks = stack.data.map_blocks(
-        comp.offset_checks,
+    checks = da.blockwise(
+        functools.partial(_one_block, comp.offset_checks),
+        "tk",
+        stack.data,
+        "tbyx",
+        new_axes={"k": len(comp.OFFSET_COLUMNS)},
+        concatenate=False,
+        dtype=np.float64,
+        meta=np.empty((0, 0), np.float64),
         scale=scale,
         offset=offset,
         band=check,
         step_dn=-S2_BOA_ADD_OFFSET,
         **mask,
-        drop_axis=[2, 3],
-        chunks=((len(items),), (len(comp.OFFSET_COLUMNS),)),
-        dtype=np.float64,
-        meta=np.empty((0, 0), np.float64),
     )
     data = da.blockwise(
-        comp.checked_optical_composite,
+        functools.partial(_one_block, comp.checked_optical_composite),
         "cyx",
         stack.data,
         "tbyx",
         checks,
         "tk",
         new_axes={"c": len(names)},
-        concatenate=True,
+        concatenate=False,
         dtype=np.float32,
         meta=np.empty((0, 0, 0), np.float32),
         groups=groups,
@@ -810,3 +815,21 @@ def _source_composite(
         **mask,
     )
     return data, checks
+
+
+def _one_block(kernel, *blocks, **kwargs):
+    """``kernel`` on the one block of each of its arrays.
+
+    A tile's stack is a single dask chunk, and a kernel that reduces some of its axes gets
+    it, with ``concatenate=False``, as that block inside one list per reduced axis;
+    ``concatenate=True`` (what ``map_blocks`` with ``drop_axis`` does) would first copy
+    it whole into a new array: 276 MB for 23 Sentinel-2 items of a 10 km tile.
+    """
+    arrays = []
+    for b in blocks:
+        while isinstance(b, list):
+            if len(b) != 1:
+                raise ValueError(f"{kernel.__name__} expects one chunk per tile, got {len(b)}")
+            b = b[0]
+        arrays.append(b)
+    return kernel(*arrays, **kwargs)

@@ -1,12 +1,16 @@
+import functools
 import warnings
 
 import numpy as np
 import pytest
 
 from popdask.composite import (
+    MEDIAN_BLOCK,
     median_composite,
+    median_network,
     mosaic_by_group,
     mosaic_scaled,
+    nanmedian_sort,
     nanmedian_time,
     optical_composite,
     radar_composite,
@@ -113,6 +117,32 @@ def test_nanmedian_time_equals_numpy(t):
     assert out.dtype == np.float32 and out.shape == ref.shape
     np.testing.assert_array_equal(out, ref)  # identical, NaN where all NaN
     assert np.isnan(out[:, 0, 0]).all()
+
+
+@pytest.mark.parametrize("n", [*range(1, 34), 48, 64, 100])
+def test_median_network_sorts(n):
+    rng = np.random.default_rng(n)
+    x = rng.integers(0, 4, (n, 500)).astype(np.float32)  # ties included
+    for a, b in median_network(n):
+        assert 0 <= a < b < n
+        x[a], x[b] = np.minimum(x[a], x[b]), np.maximum(x[a], x[b])
+    assert (np.diff(x, axis=0) >= 0).all()
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 5, 8, 13, 16, 17, 24, 40])
+def test_nanmedian_time_equals_the_sort_kernel(t):
+    """The sorting network gives the previous kernel's values bit for bit (blocks of
+    pixels, a partial last block, NaN, ±inf, huge values, all-NaN pixels)."""
+    rng = np.random.default_rng(t)
+    x = _random_stack(rng, t, 3, 37, MEDIAN_BLOCK // 37 + 5, nan_frac=0.4)
+    x[:, 1, 2, 3] = np.inf
+    x[t // 2 :, 1, 2, 4] = -np.inf
+    x[:, 2, 5, 5] = np.float32(3e38)
+    out = nanmedian_time(x)
+    assert out.dtype == np.float32 and out.shape == x.shape[1:]
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(out, nanmedian_sort(x))
+    np.testing.assert_array_equal(nanmedian_time(x[:, 0]), out[0])  # non-contiguous input
 
 
 def test_nanmedian_time_even_and_odd_counts_and_input_untouched():
@@ -293,3 +323,41 @@ def test_offset_checks_use_clear_pixels_and_correct_the_composite():
         )[0]
         clear = scl != 9 if t != 2 else np.ones_like(scl, bool)
         np.testing.assert_allclose(out[clear], truth[clear], atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------
+# The kernels in the tile's graph
+# --------------------------------------------------------------------------------------
+def test_kernels_get_the_tiles_stack_itself_not_a_copy():
+    """A kernel reducing the stack's time and band axes gets the one block as it is (dask's
+    ``concatenate=True`` copied it first), and the composite is the kernel's."""
+    import dask
+    import dask.array as da
+
+    from popdask.sources import _one_block
+
+    rng = np.random.default_rng(3)
+    stack = _random_stack(rng, 6, 2, 8, 9)
+    seen = []
+
+    def kernel(x, *, groups):
+        seen.append(x)
+        return median_composite(x, groups=groups)
+
+    groups = np.array([0, 0, 1, 2, 3, 3])
+    lazy = da.blockwise(
+        functools.partial(_one_block, kernel),
+        "cyx",
+        da.from_delayed(dask.delayed(lambda: stack)(), stack.shape, np.float32),  # as a read
+        "tbyx",
+        new_axes={"c": 2},
+        concatenate=False,
+        dtype=np.float32,
+        meta=np.empty((0, 0, 0), np.float32),
+        groups=groups,
+    )
+    (out,) = dask.compute(lazy, scheduler="synchronous")
+    assert np.shares_memory(seen[0], stack)
+    np.testing.assert_array_equal(out, median_composite(stack, groups=groups))
+    with pytest.raises(ValueError, match="one chunk per tile"):
+        _one_block(kernel, [[stack, stack]], groups=groups)
