@@ -403,7 +403,7 @@ def coarse_to_fine(
             out = np.where(s > 0, pred * blk_count / s, blk_count / f2)
         return np.where(inside, out, np.nan)
 
-    # a cluster's support counts in blocks here: half a 1 km cell is 1 / (2 f²) of a block
+    # a cluster's support counts in blocks here: a share of a 1 km cell is 1 / f² of that
     opts = {"min_support": regression.MIN_SUPPORT / f2, **opts}
     dens_blk = regression.fit_densities(bF, bY, bgroups, **opts)
     dens = dens_blk / f2  # persons in a full block → persons in a full 1 km cell

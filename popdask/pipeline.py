@@ -260,7 +260,9 @@ def composite_pass(
         desc="composite",
         progress=progress,
         reduce=counts.add,
-        per_task=1,  # seconds per tile: one task each
+        # a tile a task on a region of a few windows; on a continent several, so that one
+        # client keeps hundreds of threads fed (a task is ~1 s, a submission ~5 ms)
+        per_task=None,
     )
     counts.report()
     _require_scenes(cfg, counts)
@@ -654,6 +656,11 @@ def density_fit(
         "seconds": {"fit": fit_s, "cv": cv_s},
         "group": {"arrays": arrays, "attrs": attrs},  # what `save_fit` writes
     }
+    if cfg.regression.bootstrap and plain is None:
+        log.warning(
+            "intervals: the cells form one spatial group only, so the model's out-of-fold "
+            "error is unknown: no intervals (population_lower/upper stay NaN)"
+        )
     if cfg.regression.bootstrap and plain is not None:
         oof = (plain if with_terms is None or X is F else with_terms).predicted
         fit.update(_intervals(cfg, X, pop, groups, oof))
@@ -835,7 +842,7 @@ def run_metrics(
     if truth is not None:
         ds = store.open_store(path, storage_options)
         out.update(truth_metrics(ds.population.values.astype(np.float64), truth))
-        if "population_lower" in ds:
+        if "population_lower" in ds and fit.get("bootstrap") is not None:
             bounds = [ds[v].values for v in ("population_lower", "population_upper")]
             cells = [ds[v].values for v in ("cell_lower", "cell_upper")]
             cpx = ds.sizes["y"] // ds.sizes["y_cell"]

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 #: Core-seconds of the composite task per item composited, for a full tile of 500 × 500
 #: pixels: 0.25 measured with 8 Sentinel-2 scenes of 12 assets + radar and lights (1.97
 #: core-s per tile), × 0.57 for the median's sorting network and the uncopied stacks
-#: (2.85 → 1.62 s per tile, benchmarks/README.md, 2026-12-06).
+#: (2.85 → 1.62 s per tile, benchmarks/README.md, 2026-12-05).
 CORE_S_PER_ITEM_TILE = 0.14
 #: Core-seconds per full tile of everything else (fit sample, labels, context, predict).
 CORE_S_OTHER_TILE = 0.43

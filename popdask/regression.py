@@ -365,10 +365,10 @@ def _abs_scale(pilot_mu: np.ndarray, power: float, floor: float) -> np.ndarray:
     return s / s.mean()
 
 
-#: A cluster whose pixels add up to less than half a census cell among the cells of a fit
-#: gets density 0 there: from so few pixels any density fits a few residuals (held out, one
-#: such cluster made a cell of 1,054 people a prediction of 407,128).
-MIN_SUPPORT = 0.5
+#: A cluster whose pixels add up to less than 5 % of a census cell among the cells of a fit
+#: (125 pixels of 20 m) gets density 0 there: from so few pixels any density fits a residual
+#: or two (held out, one such cluster of 29 pixels made a cell of 1,054 people 407,128).
+MIN_SUPPORT = 0.05
 
 
 def _fit_one(
@@ -548,7 +548,7 @@ def fit_densities(
         which are spatial blocks when the rows are in raster/tile order.
     min_support : float, optional
         A cluster whose fractions add up to less than this over the known cells gets 0
-        (default :data:`MIN_SUPPORT`, half a cell; a fit on blocks of ``f × f`` cells passes
+        (default :data:`MIN_SUPPORT`, 5 % of a cell; a fit on blocks of ``f × f`` cells passes
         ``MIN_SUPPORT / f²``).
     **options
         loss : {"squared", "poisson", "absolute"}, default "squared"
@@ -593,7 +593,7 @@ def fit_densities(
     -------
     numpy.ndarray, shape (n_clusters,), float64
         Persons in a 1 km cell entirely covered by each cluster; all ``>= 0``. A cluster
-        absent from the known cells, or covering less than half a cell of them in all
+        absent from the known cells, or covering less than 5 % of a cell of them in all
         (:data:`MIN_SUPPORT`), gets 0. Predict with `predict_cells`.
 
     Raises

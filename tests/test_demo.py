@@ -38,6 +38,8 @@ def test_demo_command_end_to_end(tmp_path, capsys):
     assert metrics["r2_100m_truth"] > 0.5
     assert abs(metrics["total_error_known_cells"]) < 1e-4
     assert abs(metrics["total_error_truth"]) < 0.05
+    # 4 km is one 5 km block: no out-of-fold error, so no intervals (not NaN figures)
+    assert not any(k.startswith("interval_") for k in metrics)
     assert (out / "quicklook.png").stat().st_size > 10_000
     ds = xr.open_zarr(out / "popdask-demo.zarr")
     assert ds.population.rio.crs.to_epsg() == 3035 and ds.sizes["y"] == 200

@@ -580,7 +580,7 @@ def test_fit_densities_on_dask_rows_recovers_known_densities():
 
 
 def test_a_cluster_with_too_few_pixels_gets_no_density_rather_than_any():
-    """A cluster covering 0.012 of a cell among all the fit's cells: NNLS could give it any
+    """A cluster covering 1.2 % of a cell among all the fit's cells: NNLS could give it any
     density that fits a residual or two (held out, such a fit turned a cell of 1,054 people
     into 407,128); it gets 0, and the other clusters are fitted as without it."""
     from popdask.regression import MIN_SUPPORT, fit_densities
