@@ -406,7 +406,7 @@ def numpy_limits(store_path: str, sample_pixels: int = 200_000) -> dict:
 #: The limit takes the fastest.
 READS = ("vrt", "reproject", "gather")
 #: The median kernels the limit tries on the same days, each timed; it takes the fastest.
-MEDIANS = ("popdask", "bottleneck", "numba")
+MEDIANS = ("popdask", "bottleneck")  # popdask's is numba's sorting network
 
 
 class _SourceWork(NamedTuple):
@@ -640,83 +640,14 @@ def mosaic_days(stack: np.ndarray, s: _SourceWork) -> np.ndarray:
     return days
 
 
-def median_network(n: int) -> np.ndarray:
-    """Batcher's odd-even merge sort for ``n`` values (padded to a power of two with +inf,
-    whose comparators are dropped): ``(comparators, 2)`` index pairs."""
-    p2 = 1 << max(n - 1, 0).bit_length()
-    pairs = []
-    p = 1
-    while p < p2:
-        k = p
-        while k >= 1:
-            for j in range(k % p, p2 - k, 2 * k):
-                for i in range(min(k, p2 - j - k)):
-                    if (i + j) // (2 * p) == (i + j + k) // (2 * p) and i + j + k < n:
-                        pairs.append((i + j, i + j + k))
-            k //= 2
-        p *= 2
-    return np.array(pairs, np.int64).reshape(-1, 2)
-
-
-@functools.cache
-def _network_kernel():
-    import numba
-
-    @numba.njit(nogil=True)
-    def kernel(flat, pairs, out, block):  # pragma: no cover - compiled
-        t, n = flat.shape
-        buf = np.empty((t, block), np.float32)
-        count = np.empty(block, np.int64)
-        inf = np.float32(np.inf)
-        for s in range(0, n, block):
-            m = min(block, n - s)
-            count[:m] = 0
-            for i in range(t):
-                for q in range(m):
-                    v = flat[i, s + q]
-                    if v == v:
-                        buf[i, q] = v
-                        count[q] += 1
-                    else:
-                        buf[i, q] = inf
-            for c in range(pairs.shape[0]):
-                a, b = pairs[c, 0], pairs[c, 1]
-                for q in range(m):
-                    x, y = buf[a, q], buf[b, q]
-                    buf[a, q] = min(x, y)
-                    buf[b, q] = max(x, y)
-            for q in range(m):
-                k = count[q]
-                if k == 0:
-                    out[s + q] = np.nan
-                elif k % 2:
-                    out[s + q] = buf[k // 2, q]
-                else:
-                    out[s + q] = (buf[k // 2 - 1, q] + buf[k // 2, q]) / np.float32(2)
-
-    return kernel
-
-
-def numba_nanmedian(stack: np.ndarray) -> np.ndarray:
-    """``np.nanmedian(stack, axis=0)`` in float32 by a sorting network per block of pixels
-    (numba): NaN as +inf, sorted, the middle of each pixel's valid values gathered."""
-    t = stack.shape[0]
-    flat = np.ascontiguousarray(stack, np.float32).reshape(t, -1)
-    out = np.empty(flat.shape[1], np.float32)
-    _network_kernel()(flat, median_network(t), out, 1024)
-    return out.reshape(stack.shape[1:])
-
-
 def _median_kernel(name: str):
     from popdask.composite import nanmedian_time
 
     if name == "popdask":
         return nanmedian_time
-    if name == "bottleneck":
-        import bottleneck
+    import bottleneck
 
-        return lambda a: bottleneck.nanmedian(a, axis=0)
-    return numba_nanmedian
+    return lambda a: bottleneck.nanmedian(a, axis=0)
 
 
 def composite_days(days: list[list[np.ndarray]], works: list[_TileWork], median) -> list:
