@@ -69,7 +69,7 @@ def test_blocks_tile_the_region(grid):
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet", "gpkg"])
 def test_staged_census_equals_the_whole_table_classified_at_once(tmp_path, grid, rows, fmt):
-    from tests.test_census import write_gpkg
+    from test_census import write_gpkg
 
     path = tmp_path / f"census.{fmt}"
     table = rows.drop(columns=["x", "y"])
