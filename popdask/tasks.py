@@ -303,15 +303,13 @@ def predict_tile(
         mask=masked,
     )
     own = census[iy.start // cell_px : iy.stop // cell_px, ix.start // cell_px : ix.stop // cell_px]
-    if intervals is not None:
-
-        def replicate(d: np.ndarray) -> dict[str, np.ndarray]:
-            return predict_window(
-                labels, census if rescale else None, d, cell_px=cell_px,
-                resolution=resolution, sigma=0, inner=(iy, ix), terms=values, mask=masked,
-            )  # fmt: skip
-
-        res.update(interval_layers([replicate(d) for d in intervals["densities"]], intervals))
+    if intervals is not None:  # each replicate's densities mapped as the run's own
+        kw = dict(cell_px=cell_px, resolution=resolution, sigma=0, inner=(iy, ix), terms=values)
+        reps = [
+            predict_window(labels, census if rescale else None, d, mask=masked, **kw)
+            for d in intervals["densities"]
+        ]
+        res.update(interval_layers(reps, intervals))
     if shares is not None:
         by = store.read_window(path, "census_by", t.ys_cell, t.xs_cell, so)
         cell_shares = variables.shares(own, by, np.asarray(shares))

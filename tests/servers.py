@@ -788,3 +788,17 @@ class FaultyProxy:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def set_env(values: dict) -> dict:
+    """Set (or, for None, unset) environment variables of this process; returns their old
+    values, which undo it. Picklable: ``client.run(set_env, values)`` does it on workers."""
+    import os
+
+    old = {k: os.environ.get(k) for k in values}
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    return old

@@ -31,6 +31,7 @@ from servers import (
     PgstacApi,
     PostgresServer,
     missing_services,
+    set_env,
 )
 
 from popdask import cli, store
@@ -114,22 +115,6 @@ def aws_env(monkeypatch, client, moto):
     for key, value in AWS_ENV.items():
         monkeypatch.setenv(key, value)
 
-    def set_env(values):
-        import os
-
-        old = {k: os.environ.get(k) for k in values}
-        os.environ.update(values)
-        return old
-
-    def reset_env(old):
-        import os
-
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
     before = client.run(set_env, AWS_ENV)
     s3 = moto.client()
     for bucket in (OUT_BUCKET, COG_BUCKET):
@@ -139,7 +124,7 @@ def aws_env(monkeypatch, client, moto):
             pass
     yield moto
     for worker, old in before.items():
-        client.run(reset_env, old, workers=[worker])
+        client.run(set_env, old, workers=[worker])
 
 
 # --------------------------------------------------------------------------------------
@@ -435,7 +420,7 @@ def test_object_store_faults_during_the_passes_are_retried_or_fail_their_tile_an
         every=4,
     )
     proxy.always.add(("PUT", r"/faulty\.zarr/population/0\.0$"))
-    old = client.run(_set_env, {"AWS_MAX_ATTEMPTS": "2", "AWS_RETRY_MODE": "standard"})
+    old = client.run(set_env, {"AWS_MAX_ATTEMPTS": "2", "AWS_RETRY_MODE": "standard"})
     url, so = f"s3://{OUT_BUCKET}/faulty.zarr", {"endpoint_url": proxy.url}
     cfg_path = write_config(
         tmp_path, url=pgstac_api, census=demo_region.census, address=dask_cluster
@@ -474,20 +459,7 @@ def test_object_store_faults_during_the_passes_are_retried_or_fail_their_tile_an
     finally:
         proxy.close()
         for worker, env in old.items():
-            client.run(_set_env, env, workers=[worker])
-
-
-def _set_env(values: dict) -> dict:
-    """Set (or, for None, unset) environment variables; returns the old values."""
-    import os
-
-    old = {k: os.environ.get(k) for k in values}
-    for k, v in values.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    return old
+            client.run(set_env, env, workers=[worker])
 
 
 def test_missing_bucket_is_one_clear_line(tmp_path, demo_region, aws_env, capsys):

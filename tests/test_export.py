@@ -355,26 +355,13 @@ def test_a_rebuild_adds_its_items_as_a_new_version(small, client, tmp_path, grid
 # Object store
 # --------------------------------------------------------------------------------------
 def test_export_to_an_object_store(small, client, tmp_path):
-    import os
 
     import fsspec
-    from servers import MotoServer
+    from servers import MotoServer, set_env
 
     path, _values = small
     env = {"AWS_ACCESS_KEY_ID": "popdask-test", "AWS_SECRET_ACCESS_KEY": "popdask-test-secret",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
-
-    def set_env(values):
-        old = {k: os.environ.get(k) for k in values}
-        os.environ.update(values)
-        return old
-
-    def reset_env(old):
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
     with MotoServer() as moto:
         before = client.run(set_env, env)
@@ -389,9 +376,9 @@ def test_export_to_an_object_store(small, client, tmp_path):
             data = fs.cat_file(f"popdask-export/eu/population/{r.tiles[0]}.tif")
             vrt = fs.cat_file("popdask-export/eu/population.vrt").decode()
         finally:
-            reset_env(mine)
+            set_env(mine)
             for worker, old in before.items():
-                client.run(reset_env, old, workers=[worker])
+                client.run(set_env, old, workers=[worker])
     assert len([x for x in doc["links"] if x["rel"] == "item"]) == len(r.tiles)
     assert "secret" not in json.dumps(doc) and "popdask-test" not in json.dumps(doc)
     assert not [x for x in doc["links"] if x["rel"] == "derived_from"]  # a local store
