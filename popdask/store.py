@@ -17,6 +17,12 @@ only. Besides the contract variables the store holds:
 - ``catalog/{source}/{tile}.ndjson.gz``: the items each tile used (:mod:`popdask.catalog`);
 - ``terms`` (term, y, x) float32: the raw covariate layers of the regression terms
   (:func:`ensure_terms`), so the predict pass needs neither the composite nor a wide halo;
+- with ``census.columns``: ``census_by`` (variable, y_cell, x_cell) and ``population_by``
+  (variable, y, x) float32 (:mod:`popdask.variables`); with ``regression.bootstrap``:
+  ``population_lower``/``_upper`` (y, x) and ``cell_lower``/``_upper`` (y_cell, x_cell)
+  (:mod:`popdask.uncertainty`);
+- ``census`` chunked by blocks of 10 × 10 tiles and written after the metadata
+  (:mod:`popdask.census_blocks`): ``popdask.census_written`` says when it is whole;
 - a ``model`` group with the fitted model as plain arrays (never pickle).
 
 Paths may be local or fsspec URLs (``s3://bucket/run.zarr``) with ``storage_options``.
