@@ -442,7 +442,7 @@ def composite_work(store_path: str, part: int = 0, parts: int = 1) -> list[_Tile
 
     from popdask import catalog
     from popdask.config import config_from_dict
-    from popdask.sources import DEFAULT_RESAMPLING, day_groups, scale_offset
+    from popdask.sources import day_groups, resampling_of, scale_offset
 
     attrs = json.loads((Path(store_path) / ".zattrs").read_text())
     cfg = config_from_dict(attrs["config"])
@@ -477,10 +477,7 @@ def composite_work(store_path: str, part: int = 0, parts: int = 1) -> list[_Tile
             if paths:
                 with rasterio.open(paths[0][0]) as ds:
                     nodata = ds.nodata
-            # as popdask.sources picks it (the stored configuration spells out every default,
-            # so a resampling other than the field's default is taken as set)
-            default = type(c).model_fields["resampling"].default
-            resampling = c.resampling if c.resampling != default else DEFAULT_RESAMPLING[src.name]
+            resampling = resampling_of(src.name, c)  # as popdask.sources picks it
             works.append(
                 _SourceWork(
                     name=src.name,

@@ -131,7 +131,10 @@ class SourceConfig(_Model):
     max_cloud_cover: float | None = Field(None, ge=0, le=100)
     mask_asset: str | None = None
     mask_values: list[int] = [0, 1, 3, 8, 9, 10, 11]
-    resampling: Literal["nearest", "bilinear", "cubic", "average"] = "nearest"
+    #: None: the source's own (popdask.sources.DEFAULT_RESAMPLING: bilinear for the night
+    #: lights, nearest otherwise), so that a configuration written out and read back (the
+    #: store's attrs, demo.yaml) reads its sources the same way
+    resampling: Literal["nearest", "bilinear", "cubic", "average"] | None = None
     scale: float | None = None
     max_items: int = Field(24, gt=0)  # per tile and footprint (see above)
 

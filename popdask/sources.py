@@ -39,6 +39,14 @@ log = logging.getLogger(__name__)
 ROLES = {"sentinel2": comp.REFLECTANCE, "sentinel1": comp.BACKSCATTER, "nightlights": comp.RADIANCE}
 DEFAULT_SCALE = {"sentinel2": 1e-4, "sentinel1": 1.0, "nightlights": 1.0}
 DEFAULT_RESAMPLING = {"sentinel2": "nearest", "sentinel1": "nearest", "nightlights": "bilinear"}
+
+
+def resampling_of(name: str, cfg: SourceConfig) -> str:
+    """How a source's assets are warped onto the grid: its configured ``resampling``, else
+    :data:`DEFAULT_RESAMPLING` for the source."""
+    return cfg.resampling or DEFAULT_RESAMPLING[name]
+
+
 S2_BOA_ADD_OFFSET = -1000  # DN added by ESA from processing baseline 04.00 on
 
 
@@ -741,9 +749,7 @@ def _source_composite(
     names = cfg.bands
     reader = _reader(cfg.sign or sign, name)
     assets = [*cfg.assets, *([cfg.mask_asset] if cfg.mask_asset and name == "sentinel2" else [])]
-    resampling = (
-        cfg.resampling if "resampling" in cfg.model_fields_set else DEFAULT_RESAMPLING[name]
-    )
+    resampling = resampling_of(name, cfg)
     stack = load_stack(
         items,
         assets,

@@ -196,3 +196,20 @@ def test_credentials_given_with_set_are_refused_and_modes_pass(tmp_path):
     assert ok.output.storage_options["anon"] is True
     gcs = load_config(path, ["census.storage_options={token: anon}"])
     assert gcs.census.storage_options == {"token": "anon"}
+
+
+def test_a_configuration_written_out_reads_its_sources_the_same_way():
+    """The night lights are warped bilinearly unless a resampling is set; a configuration
+    written out (the store's attrs, demo.yaml) and read back must not turn that into the
+    nearest neighbour the other sources use (it did: the default was spelled "nearest")."""
+    from popdask.sources import resampling_of
+
+    cfg = config_from_dict(BASE)
+    again = config_from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
+    for c in (cfg, again):
+        assert resampling_of("nightlights", c.sources.nightlights) == "bilinear"
+        assert resampling_of("sentinel2", c.sources.sentinel2) == "nearest"
+    nearest = {**BASE, "sources": {**BASE["sources"], "nightlights": {
+        **BASE["sources"]["nightlights"], "resampling": "nearest"}}}  # fmt: skip
+    cfg = config_from_dict(yaml.safe_load(yaml.safe_dump(config_from_dict(nearest).to_dict())))
+    assert resampling_of("nightlights", cfg.sources.nightlights) == "nearest"
