@@ -273,16 +273,14 @@ def _classify(
         covered = None if coverage is None else coverage(b)
         covered_cells += b.shape[0] * b.shape[1] if covered is None else int(covered.sum())
         kw = dict(covered=covered, absent=absent, flagged=rows["flag"] if flagged else None)
-
-        def cells(j: int, rows=rows, b=b, kw=kw):
-            return classify_cells(rows["x"], rows["y"], rows["v"][:, j], b.grid, **kw)
-
-        raster, state = cells(0)
+        # the population column, then each mapped variable, classified alike
+        (raster, state), *more = (
+            classify_cells(rows["x"], rows["y"], rows["v"][:, j], b.grid, **kw)
+            for j in range(1 + len(names))
+        )
         raster.tofile(folder / f"{b.index}.f32")
         if names:
-            by, scaled = reconcile(
-                raster, np.stack([cells(1 + j)[0] for j in range(len(names))]), names
-            )
+            by, scaled = reconcile(raster, np.stack([r for r, _ in more]), names)
             by.tofile(folder / f"{b.index}.by.f32")
             sha.update(by.tobytes())
             n_scaled += scaled

@@ -661,7 +661,7 @@ def density_fit(
             "intervals: the cells form one spatial group only, so the model's out-of-fold "
             "error is unknown: no intervals (population_lower/upper stay NaN)"
         )
-    if cfg.regression.bootstrap and plain is not None:
+    elif cfg.regression.bootstrap:
         oof = (plain if with_terms is None or X is F else with_terms).predicted
         fit.update(_intervals(cfg, X, pop, groups, oof))
         arrays["bootstrap"] = fit["bootstrap"]
